@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
 #: converted models are cached here across tests (and across CI steps of one run)
-TEST_CACHE = Path(os.environ.get("ATLAS_EXP_TEST_CACHE", REPO / "outputs" / ".test_cache"))
+TEST_CACHE = Path(os.environ.get("ATLAS_EXP_TEST_CACHE", REPO / "outputs" / ".cache"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,112 @@
+"""The data stage: sources -> trajectories.jsonl (+ val_trajectories.jsonl, data_summary.json).
+
+Every record that does not make it into the output is accounted for in `data_summary.json`: bad records
+skipped under `data.on_error=skip` (with the file, line and field of each), and what each filter dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from atlas_exp.artifacts import SCHEMA_VERSION, fingerprint, summary_matches, write_json, write_jsonl
+from atlas_exp.data.filters import FilterConfig, apply_filters, split_train_val
+from atlas_exp.data.sources import load_trajectories
+from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.pipeline import RunDir
+
+log = logging.getLogger(__name__)
+
+#: how many skipped records are listed one by one in the summary (all are counted)
+MAX_LISTED_SKIPS = 100
+
+
+def _build_sources(cfg: DictConfig) -> list[Any]:
+    if not cfg.data.get("sources"):
+        raise ConfigError("data.sources is empty: name at least one source (see conf/data/)")
+    out = []
+    for i, s in enumerate(cfg.data.sources):
+        try:
+            out.append(instantiate(s))
+        except Exception as e:
+            cause = e.__cause__ or e
+            if isinstance(cause, AtlasError):
+                raise cause from None
+            raise ConfigError(f"data.sources[{i}]: cannot build {s.get('_target_')}: {cause}") from None
+    return out
+
+
+def filter_config(cfg: DictConfig) -> FilterConfig:
+    d = cfg.data
+    envs = d.get("envs")
+    if isinstance(envs, str):
+        envs = [envs]
+    return FilterConfig(
+        envs=list(envs) if envs else None,
+        max_per_env=d.get("max_per_env"),
+        min_steps=d.get("min_steps") or 1,
+        max_steps=d.get("max_steps"),
+        dedupe=bool(d.get("dedupe", True)),
+        seed=int(cfg.seed),
+    )
+
+
+def run_data_stage(cfg: DictConfig, rd: RunDir) -> None:
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    fp = fingerprint("data", SCHEMA_VERSION, data_cfg, int(cfg.seed))
+    if not cfg.force and summary_matches(rd.data_summary, fp, rd.trajectories):
+        log.info("data: %s is up to date, skipping", rd.trajectories)
+        return
+    on_error = str(cfg.data.get("on_error", "error"))
+    t0 = time.time()
+    sources = _build_sources(cfg)
+    loaded = load_trajectories(sources, on_error=on_error, cache_dir=str(cfg.cache_dir))
+    if loaded.skipped:
+        log.warning(
+            "data: skipped %d bad record(s) (data.on_error=skip); first: %s",
+            len(loaded.skipped),
+            "; ".join(str(s) for s in loaded.skipped[:3]),
+        )
+    kept, filter_report = apply_filters(loaded.trajectories, filter_config(cfg))
+    val_fraction = float(cfg.data.get("val_fraction") or 0.0)
+    train, val = split_train_val(kept, val_fraction=val_fraction, seed=int(cfg.seed)) if val_fraction else (kept, [])
+    if not train:
+        raise AtlasError(
+            f"data: no trajectories left (read {loaded.n_read}, skipped {len(loaded.skipped)}, "
+            f"filters: {filter_report}); loosen data.envs / data.min_steps / data.max_steps"
+        )
+    write_jsonl(rd.trajectories, (t.to_dict() for t in train))
+    if val:
+        write_jsonl(rd.val_trajectories, (t.to_dict() for t in val))
+    per_env: dict[str, dict[str, int]] = {}
+    for t in train:
+        e = per_env.setdefault(t.env, {"trajectories": 0, "steps": 0})
+        e["trajectories"] += 1
+        e["steps"] += t.n_steps
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fp,
+        "n_read": loaded.n_read,
+        "n_skipped": len(loaded.skipped),
+        "skipped": [s.to_dict() for s in loaded.skipped[:MAX_LISTED_SKIPS]],
+        "filters": filter_report,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_steps": sum(t.n_steps for t in train),
+        "per_env": per_env,
+        "seconds": round(time.time() - t0, 3),
+    }
+    write_json(rd.data_summary, summary)
+    log.info(
+        "data: read %d, skipped %d, kept %d train + %d val trajectories (%d steps) -> %s",
+        loaded.n_read,
+        len(loaded.skipped),
+        len(train),
+        len(val),
+        summary["n_steps"],
+        rd.trajectories,
+    )

@@ -1,0 +1,90 @@
+"""The select stage: trajectories.jsonl -> selection.jsonl (+ selection_summary.json)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from atlas_exp.artifacts import (
+    SCHEMA_VERSION,
+    file_fingerprint,
+    fingerprint,
+    iter_jsonl,
+    summary_matches,
+    write_json,
+    write_jsonl,
+)
+from atlas_exp.data.trajectory import Trajectory
+from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.pipeline import RunDir
+from atlas_exp.selectors.base import Selection, Selector, summarize
+
+log = logging.getLogger(__name__)
+
+
+def read_trajectories(path) -> list[Trajectory]:
+    return [Trajectory.from_dict(d, source=f"{path}:{n}") for n, d in iter_jsonl(path)]
+
+
+def read_selections(path) -> list[Selection]:
+    return [Selection.from_dict(d, source=f"{path}:{n}") for n, d in iter_jsonl(path)]
+
+
+def build_selector(cfg: DictConfig) -> Selector:
+    try:
+        sel = instantiate(cfg.selector)
+    except Exception as e:  # Hydra wraps the real cause; show it with the option that failed
+        cause = e.__cause__ or e
+        if isinstance(cause, AtlasError):
+            raise cause from None
+        raise ConfigError(f"selector: cannot build {cfg.selector.get('_target_')}: {cause}") from None
+    if not isinstance(sel, Selector):
+        raise ConfigError(f"selector._target_ {cfg.selector.get('_target_')} is not an atlas_exp Selector")
+    return sel
+
+
+def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
+    if not rd.trajectories.exists():
+        raise AtlasError(f"no trajectories at {rd.trajectories}: run the data stage first (stage=data)")
+    sel_cfg: dict[str, Any] = OmegaConf.to_container(cfg.selector, resolve=True)  # type: ignore[assignment]
+    fp = fingerprint("select", SCHEMA_VERSION, file_fingerprint(rd.trajectories), sel_cfg)
+    if not cfg.force and summary_matches(rd.selection_summary, fp, rd.selection):
+        log.info("select: %s is up to date, skipping", rd.selection)
+        return
+
+    trajs = read_trajectories(rd.trajectories)
+    selector = build_selector(cfg)
+    t0 = time.time()
+    selections: list[Selection] = []
+    try:
+        for traj, sel in zip(trajs, tqdm(selector.select(trajs), total=len(trajs), desc=f"select[{selector.name}]")):
+            sel.check_matches(traj, source=f"selector {selector.name}")
+            selections.append(sel)
+    finally:
+        selector.close()
+    if len(selections) != len(trajs):
+        raise AtlasError(f"selector {selector.name} returned {len(selections)} selections for {len(trajs)} trajectories")
+
+    write_jsonl(rd.selection, (s.to_dict() for s in selections))
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fp,
+        "selector": selector.name,
+        "ratio": selector.ratio,
+        "seconds": round(time.time() - t0, 3),
+        **summarize(selections, trajs),
+    }
+    write_json(rd.selection_summary, summary)
+    log.info(
+        "select: %d trajectories, %d/%d steps selected (achieved ratio %.3f) -> %s",
+        summary["n_trajectories"],
+        summary["n_selected"],
+        summary["n_steps"],
+        summary["achieved_ratio"],
+        rd.selection,
+    )

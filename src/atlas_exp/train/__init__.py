@@ -1,0 +1,1 @@
+"""Training: turning trajectories and step selections into supervised token sequences, and finetuning."""

@@ -1,0 +1,297 @@
+"""Masked SFT on the selected steps: trajectories.jsonl + selection.jsonl -> model/ (+ checkpoints/).
+
+Readable and linear, in the order a run happens: tokenize with masks, build the model (LoRA or full),
+set up the transformers Trainer (DeepSpeed when configured), train (resuming when asked), save.
+
+The loss is the mean over supervised tokens of the whole optimizer step: the Trainer counts the
+supervised tokens of all micro-batches of a step (across ranks too) and the model's causal-LM loss
+divides the summed token losses by that count, so a long selected step weighs as many tokens as it has,
+whatever the batch layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from atlas_exp.artifacts import SCHEMA_VERSION, file_fingerprint, fingerprint, summary_matches, write_json
+from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.models import ModelSpec, load_model, load_tokenizer, materialize
+from atlas_exp.pipeline import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train_fingerprint(cfg: DictConfig, rd: RunDir) -> str:
+    def c(node):
+        return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+    return fingerprint(
+        "train",
+        SCHEMA_VERSION,
+        file_fingerprint(rd.trajectories),
+        file_fingerprint(rd.selection),
+        c(cfg.model),
+        c(cfg.train),
+        c(cfg.deepspeed),
+        int(cfg.seed),
+        int(cfg.launcher.nproc_per_node),
+    )
+
+
+def is_up_to_date(cfg: DictConfig, rd: RunDir) -> bool:
+    if not (rd.trajectories.exists() and rd.selection.exists()):
+        return False
+    return summary_matches(rd.training_summary, train_fingerprint(cfg, rd), rd.model)
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto`: bf16 on a GPU that supports it, else fp32 (CPUs train in fp32)."""
+    precision = str(precision)
+    if precision == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision={precision!r}; choose auto, bf16, fp16 or fp32")
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision={precision} needs a GPU; use train.precision=fp32 (or auto) on CPU")
+    return precision
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` whose trainer_state.json exists (the Trainer writes it last, so a
+    checkpoint interrupted mid-save is never picked)."""
+    if not folder.is_dir():
+        return None
+    cands = []
+    for p in folder.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if suffix.isdigit() and (p / "trainer_state.json").exists():
+            cands.append((int(suffix), p))
+    return str(max(cands)[1]) if cands else None
+
+
+def build_model(cfg: DictConfig, spec: ModelSpec, precision: str):
+    mode = str(cfg.train.mode)
+    if mode not in ("lora", "full"):
+        raise ConfigError(f"train.mode={mode!r}; choose lora or full")
+    # LoRA freezes the base, so it can sit in bf16; full finetuning keeps fp32 master weights
+    # (DeepSpeed or autocast does the bf16 compute).
+    dtype = torch.bfloat16 if (mode == "lora" and precision == "bf16") else torch.float32
+    model = load_model(spec, cfg.cache_dir, dtype=dtype)
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.train.lora
+        if lc is None:
+            raise ConfigError("train.mode=lora needs train.lora (r, alpha, dropout, target_modules)")
+        target = lc.target_modules
+        target = list(target) if OmegaConf.is_list(target) else str(target)
+        peft_cfg = LoraConfig(
+            r=int(lc.r),
+            lora_alpha=int(lc.alpha),
+            lora_dropout=float(lc.dropout),
+            target_modules=target,
+            task_type="CAUSAL_LM",
+        )
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, peft_cfg)
+    return model
+
+
+def _wandb_env(cfg: DictConfig, rd: RunDir) -> list[str]:
+    """Configure W&B through its environment variables (what the Trainer's callback reads)."""
+    lg = cfg.logger
+    if str(lg.report_to) != "wandb":
+        return []
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_DIR"] = str(rd.logs)
+    os.environ["WANDB_PROJECT"] = str(lg.project)
+    os.environ["WANDB_MODE"] = str(lg.mode)
+    if lg.entity:
+        os.environ["WANDB_ENTITY"] = str(lg.entity)
+    if lg.group:
+        os.environ["WANDB_RUN_GROUP"] = str(lg.group)
+    if lg.job_type:
+        os.environ["WANDB_JOB_TYPE"] = str(lg.job_type)
+    if lg.tags:
+        os.environ["WANDB_TAGS"] = ",".join(map(str, lg.tags))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]
+
+
+def _selection_stats(rd: RunDir) -> dict[str, Any]:
+    if rd.selection_summary.exists():
+        s = json.loads(rd.selection_summary.read_text())
+        return {k: s[k] for k in ("selector", "ratio", "achieved_ratio", "n_steps", "n_selected") if k in s}
+    return {}
+
+
+def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
+    """Train on this process (one rank of a torchrun job, or alone). Only rank 0 writes artifacts."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from atlas_exp.selectors.stage import read_selections, read_trajectories
+    from atlas_exp.train.collator import MaskedCollator
+    from atlas_exp.train.masking import build_examples
+
+    t0 = time.time()
+    is_main = rank() == 0
+    fp = train_fingerprint(cfg, rd)
+    tc = cfg.train
+    spec = ModelSpec.from_cfg(cfg.model)
+    precision = resolve_precision(tc.precision)
+
+    # 1. masked examples: the whole trajectory is the input, only selected steps are supervised
+    tok = load_tokenizer(spec, cfg.cache_dir)
+    trajs = read_trajectories(rd.trajectories)
+    sels = read_selections(rd.selection)
+    if len(trajs) != len(sels):
+        raise AtlasError(
+            f"{rd.selection} has {len(sels)} lines for {len(trajs)} trajectories: rerun the select stage"
+        )
+    examples, stats = build_examples(
+        tok,
+        trajs,
+        sels,
+        max_length=int(tc.max_length),
+        on_empty=str(tc.on_empty),
+        truncate_after_last_selected=bool(tc.get("truncate_after_last_selected", False)),
+        progress=is_main,
+    )
+    if not examples:
+        raise AtlasError("no trajectory has a supervised token to train on (all were skipped)")
+    if stats.get("n_selected_tokens_lost", 0):
+        log.warning(
+            "train: %d selected tokens were cut by max_length=%d (see training_summary.json)",
+            stats["n_selected_tokens_lost"],
+            tc.max_length,
+        )
+    train_data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+    # 2. the model
+    model = build_model(cfg, spec, precision)
+
+    # 3. the Trainer
+    report_to = _wandb_env(cfg, rd)
+    ds_cfg = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.enabled else None
+    warm = float(tc.warmup_ratio)
+    args = TrainingArguments(
+        output_dir=str(rd.checkpoints),
+        run_name=f"{cfg.experiment_name}/{rd.root.name}",
+        num_train_epochs=float(tc.epochs),
+        max_steps=int(tc.max_steps),
+        per_device_train_batch_size=int(tc.per_device_batch_size),
+        gradient_accumulation_steps=int(tc.grad_accum),
+        learning_rate=float(tc.lr),
+        lr_scheduler_type=str(tc.lr_scheduler),
+        warmup_steps=warm if warm < 1 else int(warm),
+        weight_decay=float(tc.weight_decay),
+        max_grad_norm=float(tc.max_grad_norm),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # enabled on the model itself above
+        group_by_length=bool(tc.group_by_length),
+        logging_steps=int(tc.logging_steps),
+        save_strategy="steps",
+        save_steps=int(tc.save_steps),
+        save_total_limit=int(tc.save_total_limit) if tc.save_total_limit else None,
+        report_to=report_to,
+        seed=int(cfg.seed),
+        deepspeed=ds_cfg,
+        dataloader_num_workers=int(tc.dataloader_num_workers),
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
+        disable_tqdm=not is_main,
+    )
+
+    run_stats = {
+        "n_examples": len(examples),
+        **{f"data/{k}": v for k, v in stats.items()},
+        **{f"selection/{k}": v for k, v in _selection_stats(rd).items()},
+    }
+
+    class _LogRunStats(TrainerCallback):
+        """Put the supervised-token share and selection stats on the W&B run (config + summary)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and "wandb" in report_to:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.run.config.update({"atlas": OmegaConf.to_container(cfg, resolve=True)}, allow_val_change=True)
+                    wandb.run.summary.update(run_stats)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        data_collator=MaskedCollator(pad_token_id=tok.pad_token_id),
+        processing_class=tok,
+        callbacks=[_LogRunStats()],
+    )
+
+    # 4. train, resuming from the last complete checkpoint of this run dir when asked
+    resume_from = None
+    last = last_complete_checkpoint(rd.checkpoints)
+    if cfg.resume:
+        if last is None:
+            log.warning("resume=true but %s has no complete checkpoint: starting from scratch", rd.checkpoints)
+        else:
+            log.info("resuming from %s", last)
+            resume_from = last
+    elif last is not None and is_main:
+        log.warning("%s holds checkpoints of an earlier run; pass resume=true to continue from %s", rd.checkpoints, last)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # 5. save (save_model gathers ZeRO-3 shards and writes on rank 0 only)
+    trainer.save_model(str(rd.model))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fp,
+        "mode": str(tc.mode),
+        "base_model": materialize(spec, cfg.cache_dir),
+        "model": spec.name,
+        "precision": precision,
+        "world_size": world_size(),
+        "deepspeed_stage": (ds_cfg or {}).get("zero_optimization", {}).get("stage"),
+        "resumed_from": resume_from,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "losses": losses,
+        "seconds": round(time.time() - t0, 2),
+        **run_stats,
+    }
+    if is_main:
+        tok.save_pretrained(str(rd.model))
+        write_json(rd.training_summary, summary)
+        log.info(
+            "train: %d steps, loss %.4f -> %.4f, model -> %s",
+            trainer.state.global_step,
+            losses[0] if losses else float("nan"),
+            losses[-1] if losses else float("nan"),
+            rd.model,
+        )
+    return summary
