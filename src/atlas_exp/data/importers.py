@@ -17,7 +17,8 @@ Formats (`format=`):
 - `openai`: OpenAI chat fine-tuning records, `{"messages": [{"role", "content", "weight"?}], "id"?,
   "env"?}`. `weight: 0` marks an assistant turn as not trainable (as in OpenAI's format); any other weight
   is kept as that step's weight. Our own canonical `trajectories.jsonl` reads back through this format too
-  (its `trainable: false` is honoured, its `step` numbers are recomputed).
+  (its `trainable: false` is honoured, its `step` numbers are recomputed, its `meta` stays `meta`, and its
+  `source` becomes the file and line it is read from now).
 - `generic`: a record that is itself a list of `{role, content}` messages, or an object holding such a
   list under `messages_key`. Roles may be system/user/assistant or human/gpt; `weight`/`trainable` are
   honoured as in `openai`.
@@ -58,8 +59,9 @@ GENERIC_ROLES = {**OPENAI_ROLES, "human": "user", "gpt": "assistant"}
 _ID_ENV = re.compile(r"^(?:lmrlgym_)?([A-Za-z][A-Za-z0-9]*(?:_[A-Za-z][A-Za-z0-9]*)*)_\d+$")
 # file names that say which split or shard a file is, not which env it holds
 _GENERIC_STEMS = {"train", "test", "val", "valid", "validation", "dev", "data", "part", "shard", "default", "all"}
-# top-level fields a converter consumes; everything else goes to `meta`
-_CONSUMED = {"item_id", "id", "env", "conversations", "messages"}
+# top-level fields a converter consumes; everything else goes to `meta`. A canonical record's `source`
+# (where it was read before) is replaced by where it is read now.
+_CONSUMED = {"item_id", "id", "env", "conversations", "messages", "source"}
 
 
 def check_format(fmt: str, *, option: str = "format") -> str:
@@ -103,10 +105,10 @@ def detect_format(record: Any, *, where: str, messages_key: str = "messages") ->
             return "openai"
         if record.get(messages_key) is not None:
             return "generic"
+        generic = f" or `{messages_key}` (a list of role/content messages)" if messages_key != "messages" else ""
         raise DataError(
-            "cannot tell the record's format: expected `conversations` (AgentGym/ShareGPT), `messages` "
-            f"(OpenAI chat) or `{messages_key}` (a list of role/content messages); "
-            f"found fields {sorted(record)[:10]}",
+            "cannot tell the record's format: expected `conversations` (AgentGym/ShareGPT) or `messages` "
+            f"(OpenAI chat or role/content messages){generic}; found fields {sorted(record)[:10]}",
             source=where,
         )
     raise DataError(f"expected a JSON object or a list of messages, got {_type(record)}", source=where)
@@ -294,7 +296,10 @@ def _build(
     for k, v in record.items():
         if k in _CONSUMED or k in consumed or v is None:
             continue
-        meta[k] = _jsonable(v)
+        if k == "meta" and isinstance(v, dict):  # our canonical form: its meta stays meta
+            meta.update({mk: _jsonable(mv) for mk, mv in v.items()})
+        else:
+            meta[k] = _jsonable(v)
     # the checks above cover every rule in `validate_messages`, which `number_steps` reruns as a backstop
     return Trajectory(id=traj_id, env=env, messages=number_steps(turns, source=where), source=where, meta=meta)
 

@@ -40,21 +40,6 @@ def _build_sources(cfg: DictConfig) -> list[Any]:
     return out
 
 
-def filter_config(cfg: DictConfig) -> FilterConfig:
-    d = cfg.data
-    envs = d.get("envs")
-    if isinstance(envs, str):
-        envs = [envs]
-    return FilterConfig(
-        envs=list(envs) if envs else None,
-        max_per_env=d.get("max_per_env"),
-        min_steps=d.get("min_steps") or 1,
-        max_steps=d.get("max_steps"),
-        dedupe=bool(d.get("dedupe", True)),
-        seed=int(cfg.seed),
-    )
-
-
 def run_data_stage(cfg: DictConfig, rd: RunDir) -> None:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     fp = fingerprint("data", SCHEMA_VERSION, data_cfg, int(cfg.seed))
@@ -64,14 +49,9 @@ def run_data_stage(cfg: DictConfig, rd: RunDir) -> None:
     on_error = str(cfg.data.get("on_error", "error"))
     t0 = time.time()
     sources = _build_sources(cfg)
-    loaded = load_trajectories(sources, on_error=on_error, cache_dir=str(cfg.cache_dir))
-    if loaded.skipped:
-        log.warning(
-            "data: skipped %d bad record(s) (data.on_error=skip); first: %s",
-            len(loaded.skipped),
-            "; ".join(str(s) for s in loaded.skipped[:3]),
-        )
-    kept, filter_report = apply_filters(loaded.trajectories, filter_config(cfg))
+    loaded = load_trajectories(sources, on_error=on_error)
+    filters = FilterConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True), seed=int(cfg.seed))
+    kept, filter_report = apply_filters(loaded.trajectories, filters)
     val_fraction = float(cfg.data.get("val_fraction") or 0.0)
     train, val = split_train_val(kept, val_fraction=val_fraction, seed=int(cfg.seed)) if val_fraction else (kept, [])
     if not train:
@@ -90,9 +70,7 @@ def run_data_stage(cfg: DictConfig, rd: RunDir) -> None:
     summary = {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fp,
-        "n_read": loaded.n_read,
-        "n_skipped": len(loaded.skipped),
-        "skipped": [s.to_dict() for s in loaded.skipped[:MAX_LISTED_SKIPS]],
+        **loaded.summary(max_skipped=MAX_LISTED_SKIPS),
         "filters": filter_report,
         "n_train": len(train),
         "n_val": len(val),

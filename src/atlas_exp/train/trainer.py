@@ -232,6 +232,14 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         **{f"selection/{k}": v for k, v in _selection_stats(rd).items()},
     }
 
+    class _CountSteps(TrainerCallback):
+        """Counts the optimizer steps this process actually ran (a resumed run skips the finished ones)."""
+
+        steps_run = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _CountSteps.steps_run += 1
+
     class _LogRunStats(TrainerCallback):
         """Put the supervised-token share and selection stats on the W&B run (config + summary)."""
 
@@ -249,7 +257,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         train_dataset=train_data,
         data_collator=MaskedCollator(pad_token_id=tok.pad_token_id),
         processing_class=tok,
-        callbacks=[_LogRunStats()],
+        callbacks=[_LogRunStats(), _CountSteps()],
     )
 
     # 4. train, resuming from the last complete checkpoint of this run dir when asked
@@ -267,7 +275,8 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
 
     # 5. save (save_model gathers ZeRO-3 shards and writes on rank 0 only)
     trainer.save_model(str(rd.model))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logged]
     summary = {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fp,
@@ -280,7 +289,9 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         "resumed_from": resume_from,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
+        "steps_run": _CountSteps.steps_run,
         "losses": losses,
+        "loss_steps": [h["step"] for h in logged],
         "seconds": round(time.time() - t0, 2),
         **run_stats,
     }
@@ -294,4 +305,10 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
             losses[-1] if losses else float("nan"),
             rd.model,
         )
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update({"train/steps_run": _CountSteps.steps_run})
+                wandb.finish()
     return summary
