@@ -8,8 +8,9 @@ environment's reply, so the spans are derived from the template itself and check
    generation prompt) and that text is tokenized ONCE, exactly as `apply_chat_template(tokenize=True)`
    does it (`add_special_tokens=False`), with the fast tokenizer's offset mapping. `input_ids` are
    therefore identical to what the template gives at inference time.
-2. Every prefix `messages[:i+1]` is rendered as text (cheap: one batched Jinja call, no tokenizer call)
-   and each must be a prefix of the next (*prefix property*). Then message i owns the characters
+2. Every prefix `messages[:i+1]` is rendered as text (Jinja only, no tokenizer call; the full render
+   is also compared with `apply_chat_template`'s) and each must be a prefix of the next (*prefix
+   property*). Then message i owns the characters
    `[len(render(messages[:i])), len(render(messages[:i+1])))` of the full text, header and end-of-turn
    included. A template that renders an earlier turn differently once later turns exist (strips
    reasoning from old turns, renders the last turn specially via `loop.last`, appends something only at
@@ -22,11 +23,16 @@ The supervised span of an assistant turn (the definition every count in this mod
 
     supervised span = rendered content  +  end-of-turn text
 
-* *rendered content* is the message content as the template renders it. Templates that `trim` it are
-  supported: we match the content verbatim first, then stripped / right-stripped / left-stripped.
-* the *turn suffix* is the text the template writes after an assistant content up to the end of that
-  message's render (measured once per template on a probe conversation, then checked on every turn):
-  `<|im_end|>\\n` for ChatML, `<|eot_id|>` for Llama-3.
+* the *turn header* and *turn suffix* are the texts the template writes before and after an assistant
+  content within that message's render, measured once per template on a probe conversation
+  `[user P, assistant Q]`: `<|im_start|>assistant\\n` and `<|im_end|>\\n` for ChatML,
+  `<|start_header_id|>assistant<|end_header_id|>\\n\\n` and `<|eot_id|>` for Llama-3.
+* *rendered content* is the message content as the template renders it, found in each assistant
+  message's render as the text between exactly the turn header and exactly the turn suffix (a turn
+  where that fails raises `TemplateError`). Templates that `trim` the content are supported: we try
+  the content verbatim, then stripped / right-stripped / left-stripped. Requiring the header too is
+  what keeps a content starting with "\\n" under a trimming template whose header ends in "\\n\\n"
+  from claiming the header's last newline.
 * the *end-of-turn text* is the turn suffix cut right after its FIRST special token (any of the
   tokenizer's special tokens or added tokens marked special): `<|im_end|>` for ChatML, `<|eot_id|>`
   for Llama-3, `" </s>"` for Llama-2-style `' ' + eos_token`. What follows it (ChatML's newline, the
@@ -75,6 +81,8 @@ class TemplateInfo:
 
     #: tokenizer name and template hash, for error messages
     name: str
+    #: text of an assistant message's render before its content (role header), as seen on the probe
+    turn_header: str
     #: text after an assistant content up to the end of that message's render
     turn_suffix: str
     #: the supervised leading part of `turn_suffix`, ending with `eot_token`
@@ -82,6 +90,8 @@ class TemplateInfo:
     #: the special token that closes an assistant turn
     eot_token: str
     eot_token_id: int
+    #: strings the tokenizer encodes as special tokens; none may occur inside a message content
+    specials: frozenset[str] = frozenset()
     #: renders one conversation like `apply_chat_template(tokenize=False)` minus its per-call overhead, or
     #: None when that shortcut is unavailable or disagreed with apply_chat_template on the probe
     fast_render: Callable[[list[dict[str, str]]], str] | None = field(default=None, compare=False, repr=False)
@@ -97,7 +107,8 @@ class TokenizedTrajectory:
     id: str
     text: str
     input_ids: list[int]
-    #: per message: its whole render (header, content, end-of-turn, separator)
+    #: per message: its whole render (header, content, end-of-turn, separator); message 0 also owns what
+    #: the template writes before it (BOS, a default system prompt like SmolLM2's)
     message_spans: list[tuple[int, int]]
     message_char_spans: list[tuple[int, int]]
     #: per message: the supervised span for assistant turns, None for system/user turns
@@ -248,8 +259,17 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
         raise TemplateError(f"{name}: rendering a [user, assistant] conversation failed: {e!r}") from e
     if text.count(_PROBE_ASSISTANT) != 1:
         raise TemplateError(f"{name}: the template does not render assistant content verbatim exactly once: {text!r}")
-    suffix = text[text.index(_PROBE_ASSISTANT) + len(_PROBE_ASSISTANT) :]
-    first = _first_special(suffix, special_token_strings(tokenizer))
+    try:
+        (user_only,) = _render(tokenizer, [probe[:1]])
+    except Exception as e:
+        raise TemplateError(f"{name}: rendering a [user] conversation failed: {e!r}") from e
+    at = text.index(_PROBE_ASSISTANT)
+    if not text.startswith(user_only) or len(user_only) > at:
+        raise _prefix_error(name, "the probe conversation [user, assistant]", probe, 1, 0, user_only, text)
+    header = text[len(user_only) : at]
+    suffix = text[at + len(_PROBE_ASSISTANT) :]
+    specials = frozenset(special_token_strings(tokenizer))
+    first = _first_special(suffix, specials)
     if first is None:
         raise TemplateError(
             f"{name}: the template writes no special token after an assistant turn (turn suffix {suffix!r}); "
@@ -272,10 +292,12 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
             fast = None
     return TemplateInfo(
         name=name,
+        turn_header=header,
         turn_suffix=suffix,
         eot_text=suffix[: pos + len(eot_token)],
         eot_token=eot_token,
         eot_token_id=eot_id,
+        specials=specials,
         fast_render=fast,
     )
 
@@ -294,12 +316,11 @@ class _CharToToken:
     guessed.
     """
 
-    def __init__(self, offsets: Sequence[Sequence[int]], text_len: int, name: str):
+    def __init__(self, offsets: Sequence[Sequence[int]], name: str):
         self.starts = [int(o[0]) for o in offsets]
         self.ends = [int(o[1]) for o in offsets]
-        self.text_len = text_len
         for a, b in ((self.starts, "start"), (self.ends, "end")):
-            if any(a[i] > a[i + 1] for i in range(len(a) - 1)):
+            if any(x > y for x, y in zip(a, a[1:])):
                 raise TemplateError(f"{name}: token offsets are not monotonic ({b}s); cannot map spans to tokens")
 
     def __call__(self, p: int) -> int | None:
@@ -343,6 +364,17 @@ def _render_prefixes(tokenizer: Any, msgs: list[dict[str, str]], info: TemplateI
     raise TemplateError(f"{info.name}: rendering the prefixes of trajectory {traj_id!r} failed")
 
 
+def _prefix_error(name: str, where: str, msgs: list[dict[str, str]], i: int, k: int, before: str, after: str) -> TemplateError:
+    """Adding message i to `where` changed the already rendered text of message k."""
+    j = len(os.path.commonprefix([before, after]))
+    return TemplateError(
+        f"{name}: the chat template does not render a conversation as the concatenation of its turns (prefix "
+        f"property): in {where}, adding message {i} ({msgs[i]['role']}) changes the rendering of message {k} "
+        f"({msgs[k]['role']}) at character {j}: {before[j:j + 40]!r} becomes {after[j:j + 40]!r}. Per-turn token "
+        f"spans are undefined; use a template whose earlier turns do not depend on later ones (model.chat_template)."
+    )
+
+
 def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory:
     """Render `traj` with the chat template, tokenize it once, and derive every turn's exact span.
 
@@ -353,6 +385,14 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
     """
     info = get_template_info(tokenizer)
     msgs = [{"role": m.role, "content": m.content} for m in traj.messages]
+    for i, m in enumerate(msgs):
+        for sp in info.specials:
+            if sp in m["content"]:
+                # It would be encoded as a control token (as apply_chat_template does by default): a fake
+                # turn boundary in the input, or an end-of-turn in the middle of a supervised action.
+                raise DataError(
+                    f"content contains the special token {sp!r} of {info.name}", source=traj.id, field=f"messages[{i}].content"
+                )
     renders = _render_prefixes(tokenizer, msgs, info, traj.id)
 
     ends: list[int] = []
@@ -361,20 +401,14 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
         if not r.startswith(prev):
             j = len(os.path.commonprefix([prev, r]))
             k = bisect_left(ends, j + 1)  # the message whose characters contain position j
-            raise TemplateError(
-                f"{info.name}: the chat template does not render a conversation as the concatenation of its "
-                f"turns (prefix property): adding message {i} ({msgs[i]['role']}) of trajectory {traj.id!r} "
-                f"changes the rendering of message {k} ({msgs[k]['role']}) at character {j}: "
-                f"{prev[j:j + 40]!r} becomes {r[j:j + 40]!r}. Per-turn token spans are undefined; use a "
-                f"template whose earlier turns do not depend on later ones (model.chat_template)."
-            )
+            raise _prefix_error(info.name, f"trajectory {traj.id!r}", msgs, i, k, prev, r)
         ends.append(len(r))
         prev = r
     text = renders[-1]
 
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
-    to_tok = _CharToToken(enc["offset_mapping"], len(text), info.name)
+    to_tok = _CharToToken(enc["offset_mapping"], info.name)
 
     def tok_index(p: int, what: str, i: int) -> int:
         t = to_tok(p)
@@ -392,7 +426,7 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
     sup_char: list[tuple[int, int] | None] = []
     sup_tok: list[tuple[int, int] | None] = []
     step_spans: list[tuple[int, int]] = []
-    suffix = info.turn_suffix
+    header, suffix = info.turn_header, info.turn_suffix
     for i, m in enumerate(traj.messages):
         s = ends[i - 1] if i else 0
         e = ends[i]
@@ -404,15 +438,17 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
             continue
         span = None
         for cand in _content_candidates(m.content):
-            tail_len = len(cand) + len(suffix)
-            if e - tail_len >= s and text.endswith(cand + suffix, s, e):
-                c0 = e - tail_len
+            c0 = e - len(suffix) - len(cand)
+            # Both sides must match: with the suffix alone, "\nAction" under a header ending in "\n\n"
+            # and a trimming template would wrongly claim the header's last newline as content.
+            if c0 - len(header) >= s and text.endswith(cand + suffix, c0, e) and text.endswith(header, s, c0):
                 span = (c0, c0 + len(cand) + len(info.eot_text))
                 break
         if span is None:
             raise TemplateError(
                 f"{info.name}: cannot find the content of message {i} (assistant) of trajectory {traj.id!r} "
-                f"followed by the template's turn suffix {suffix!r}; its render ends with {text[max(s, e - 120):e]!r}"
+                f"between the template's assistant header {header!r} and turn suffix {suffix!r} "
+                f"(as rendered on a probe); the message renders as {text[s:e][:80]!r}...{text[s:e][-80:]!r}"
             )
         a = tok_index(span[0], "content start", i)
         b = tok_index(span[1], "end of turn", i)
