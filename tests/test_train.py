@@ -24,15 +24,24 @@ FAST = [
     "selector=random",
     "ratio=0.5",
     "train.max_length=768",
-    "train.per_device_batch_size=2",
+    "train.per_device_batch_size=1",
     "train.grad_accum=1",
     "train.lr=2e-3",
     "train.warmup_ratio=0",
     "train.lr_scheduler=constant",
     "train.logging_steps=1",
     "train.save_steps=100",
-    "train.lora.r=8",
 ]
+
+
+@pytest.fixture(scope="module")
+def short_textcraft(agenttraj_dir, tmp_path_factory) -> Path:
+    """The 8 shortest real AgentTraj-L TextCraft records (about 400-450 tokens each), so that a CPU run
+    of a dozen optimizer steps takes seconds, not minutes."""
+    lines = (agenttraj_dir / "textcraft.jsonl").read_text().splitlines()
+    f = tmp_path_factory.mktemp("data") / "textcraft.jsonl"
+    f.write_text("\n".join(sorted(lines, key=len)[:8]) + "\n")
+    return f
 
 
 def run_app(run_dir: Path, *overrides: str, data: Path, n: int = 8, check: bool = True, extra_env=None):
@@ -81,20 +90,23 @@ def assert_labels_cover_only_selected_steps(run_dir: Path, tokenizer) -> None:
         assert text == expected
 
 
-def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, agenttraj_dir, smollm2_tokenizer, smollm2_dir):
+def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, short_textcraft, smollm2_tokenizer, smollm2_dir):
     rd = tmp_path / "run"
-    run_app(rd, "train.max_steps=10", "logger=wandb", data=agenttraj_dir / "textcraft.jsonl")
+    run_app(rd, "train.max_steps=12", "logger=wandb", data=short_textcraft)
     for name in ("trajectories.jsonl", "selection.jsonl", "selection_summary.json", "data_summary.json", ".hydra/config.yaml"):
         assert (rd / name).exists(), name
     s = summary(rd)
-    assert s["global_step"] == 10 and s["mode"] == "lora"
+    assert s["global_step"] == 12 and s["mode"] == "lora"
     assert 0 < s["data/supervised_share"] < 1
     assert s["selection/selector"] == "random"
     assert_loss_fell(s)
     assert_labels_cover_only_selected_steps(rd, smollm2_tokenizer)
     # W&B offline run with our stats on it
-    runs = list((rd / "logs" / "wandb").glob("offline-run-*"))
-    assert runs, list((rd / "logs").rglob("*"))[:20]
+    runs = list((rd / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((rd / "logs").rglob("*"))[:20]
+    record = runs[0].read_bytes()
+    for key in (b"data/supervised_share", b"selection/achieved_ratio", b"train/steps_run", b"loss"):
+        assert key in record, key
 
     from peft import AutoPeftModelForCausalLM
 
@@ -106,19 +118,19 @@ def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, agen
         assert torch.isfinite(model(**ids).logits).all()
 
 
-def test_rerun_of_a_finished_run_does_nothing(tmp_path, agenttraj_dir, smollm2_dir):
+def test_rerun_of_a_finished_run_does_nothing(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
-    run_app(rd, "train.max_steps=2", "logger=none", data=agenttraj_dir / "textcraft.jsonl", n=4)
+    run_app(rd, "train.max_steps=2", "logger=none", data=short_textcraft, n=4)
     before = {p: p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file() and ".hydra" not in p.parts}
-    p = run_app(rd, "train.max_steps=2", "logger=none", data=agenttraj_dir / "textcraft.jsonl", n=4)
+    p = run_app(rd, "train.max_steps=2", "logger=none", data=short_textcraft, n=4)
     assert "up to date" in p.stdout + p.stderr
     after = {p: p.stat().st_mtime_ns for p in rd.rglob("*") if p.is_file() and ".hydra" not in p.parts and not p.name.endswith(".log")}
     assert all(before[k] == v for k, v in after.items() if k in before)
 
 
-def test_full_finetuning_saves_a_model_that_reloads(tmp_path, agenttraj_dir, smollm2_dir):
+def test_full_finetuning_saves_a_model_that_reloads(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
-    run_app(rd, "train=full", "train.max_steps=8", "train.lr=5e-5", "logger=none", data=agenttraj_dir / "textcraft.jsonl", n=4)
+    run_app(rd, "train=full", "train.max_steps=8", "train.lr=1e-4", "logger=none", data=short_textcraft, n=4)
     s = summary(rd)
     assert s["mode"] == "full"
     assert_loss_fell(s)
@@ -129,7 +141,7 @@ def test_full_finetuning_saves_a_model_that_reloads(tmp_path, agenttraj_dir, smo
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_rank_deepspeed_on_cpu(tmp_path, agenttraj_dir, zero, smollm2_dir):
+def test_two_rank_deepspeed_on_cpu(tmp_path, short_textcraft, zero, smollm2_dir):
     rd = tmp_path / "run"
     p = run_app(
         rd,
@@ -138,7 +150,7 @@ def test_two_rank_deepspeed_on_cpu(tmp_path, agenttraj_dir, zero, smollm2_dir):
         "train.max_steps=8",
         "train.per_device_batch_size=1",
         "logger=none",
-        data=agenttraj_dir / "textcraft.jsonl",
+        data=short_textcraft,
     )
     s = summary(rd)
     assert s["world_size"] == 2 and s["deepspeed_stage"] == int(zero[-1])
@@ -156,12 +168,12 @@ def test_two_rank_deepspeed_on_cpu(tmp_path, agenttraj_dir, zero, smollm2_dir):
     AutoPeftModelForCausalLM.from_pretrained(rd / "model")
 
 
-def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, agenttraj_dir, smollm2_dir):
+def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
     args = ["train.max_steps=8", "train.save_steps=2", "logger=none"]
     cmd = [
         sys.executable, "-m", "atlas_exp", f"run_dir={rd}", f"cache_dir={TEST_CACHE}", "data=local",
-        f"data.path={agenttraj_dir / 'textcraft.jsonl'}", "data.max_per_env=8", *FAST, *args,
+        f"data.path={short_textcraft}", "data.max_per_env=8", *FAST, *args,
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -175,7 +187,7 @@ def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, 
         proc.wait()
     assert not (rd / "model" / "training_summary.json").exists()
 
-    run_app(rd, *args, "resume=true", data=agenttraj_dir / "textcraft.jsonl")
+    run_app(rd, *args, "resume=true", data=short_textcraft)
     s = summary(rd)
     assert s["resumed_from"] is not None
     resumed_at = int(Path(s["resumed_from"]).name.split("-")[1])

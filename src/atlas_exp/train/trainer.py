@@ -176,7 +176,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         sels,
         max_length=int(tc.max_length),
         on_empty=str(tc.on_empty),
-        truncate_after_last_selected=bool(tc.get("truncate_after_last_selected", False)),
+        truncate_after_last_selected=bool(tc.truncate_after_last_selected),
         progress=is_main,
     )
     if not examples:
