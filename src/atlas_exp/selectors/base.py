@@ -161,6 +161,13 @@ class Selector(ABC):
     def select_one(self, traj: Trajectory) -> Selection:
         """Select steps of one trajectory."""
 
+    def stats(self) -> dict[str, Any]:
+        """What the selection cost and how it went (requests, tokens, USD, fallbacks, seconds...).
+
+        Written under `selector_stats` in selection_summary.json; empty for selectors that cost nothing.
+        """
+        return {}
+
     def close(self) -> None:
         """Release resources (servers, models). Called once after `select`."""
 

@@ -78,6 +78,7 @@ def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
         "ratio": selector.ratio,
         "seconds": round(time.time() - t0, 3),
         **summarize(selections, trajs),
+        "selector_stats": selector.stats(),
     }
     write_json(rd.selection_summary, summary)
     log.info(
