@@ -23,7 +23,7 @@ log = logging.getLogger("atlas_exp")
 
 def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("httpx", "urllib3", "filelock", "datasets", "DeepSpeed"):
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "filelock", "datasets", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -168,6 +168,10 @@ class Selector(ABC):
         """
         return {}
 
+    def postfix(self) -> dict[str, Any]:
+        """A few running figures for the progress bar (e.g. requests, tokens, USD so far)."""
+        return {}
+
     def close(self) -> None:
         """Release resources (servers, models). Called once after `select`."""
 

@@ -62,9 +62,13 @@ def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
     t0 = time.time()
     selections: list[Selection] = []
     try:
-        for traj, sel in zip(trajs, tqdm(selector.select(trajs), total=len(trajs), desc=f"select[{selector.name}]")):
+        bar = tqdm(selector.select(trajs), total=len(trajs), desc=f"select[{selector.name}]")
+        for traj, sel in zip(trajs, bar):
             sel.check_matches(traj, source=f"selector {selector.name}")
             selections.append(sel)
+            postfix = selector.postfix()
+            if postfix:
+                bar.set_postfix(postfix, refresh=False)
     finally:
         selector.close()
     if len(selections) != len(trajs):

@@ -532,7 +532,8 @@ def _empty_error(ex: MaskedExample, max_length: int | None) -> DataError:
     else:
         why = (
             f"all {ex.n_selected_tokens} tokens of its selected steps lie beyond max_length={max_length} "
-            f"(the trajectory has {ex.n_tokens_full} tokens)"
+            f"(the trajectory has {ex.n_tokens_full} tokens); raise train.max_length, or set "
+            f"train.on_empty=skip to leave such trajectories out (they are counted)"
         )
     return DataError(f"no supervised token after truncation: {why}", source=ex.traj_id, field="selection")
 

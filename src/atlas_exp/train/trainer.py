@@ -211,7 +211,6 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,  # enabled on the model itself above
         train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
         logging_steps=int(tc.logging_steps),
         save_strategy="steps",
