@@ -70,13 +70,17 @@ class RunDir:
 def _stages() -> dict[str, Callable[[DictConfig, RunDir], None]]:
     # imported lazily so that `--help` and config errors do not pay for torch/transformers imports
     from atlas_exp.data.stage import run_data_stage
+    from atlas_exp.report.inspect import run_inspect_stage
     from atlas_exp.selectors.stage import run_select_stage
     from atlas_exp.train.launch import run_train_stage
 
-    return {"data": run_data_stage, "select": run_select_stage, "train": run_train_stage}
+    return {"data": run_data_stage, "select": run_select_stage, "train": run_train_stage, "inspect": run_inspect_stage}
 
 
+#: what `stage=all` runs, in order
 STAGE_ORDER = ("data", "select", "train")
+#: stages that only look at artifacts; run on request
+EXTRA_STAGES = ("inspect",)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
@@ -84,10 +88,11 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     stage = str(cfg.stage)
     if stage == "all":
         names = list(STAGE_ORDER)
-    elif stage in STAGE_ORDER:
+    elif stage in STAGE_ORDER or stage in EXTRA_STAGES:
         names = [stage]
     else:
-        raise ConfigError(f"stage={stage!r} is not a stage; choose one of: all, {', '.join(STAGE_ORDER)}")
+        choices = ", ".join(("all",) + STAGE_ORDER + EXTRA_STAGES)
+        raise ConfigError(f"stage={stage!r} is not a stage; choose one of: {choices}")
     stages = _stages()
     rd = RunDir(Path(run_dir))
     rd.root.mkdir(parents=True, exist_ok=True)

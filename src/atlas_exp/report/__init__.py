@@ -1,0 +1,1 @@
+"""Looking at results: the selection inspector (and, later, the sweep report)."""
