@@ -1,0 +1,651 @@
+"""`selector=perplexity_delta` and `selector=perplexity`: score steps by a language model's loss on them.
+
+Why: a step that the trajectory's history makes easy to predict teaches the model little; a step that stays
+hard *even given the history* is where the agent had to decide something. Following IFD ("instruction
+following difficulty", Li et al. 2024) the delta selector scores step k of a trajectory as
+
+    score_k = loss(step_k | history_<k) / loss(step_k alone)          (metric: ratio, perplexity_delta)
+
+and the perplexity baseline of the ATLaS paper as the conditioned loss alone
+
+    score_k = loss(step_k | history_<k)                               (metric: loss, perplexity)
+
+Higher = more critical; the top `ratio` of the steps is selected. Both share this one class.
+
+Definitions (every loss is the mean per-token cross-entropy, in float32, of a causal LM):
+
+* **Tokens of a step**: its *supervised span* exactly as `train/masking.py` defines it (the rendered
+  content plus the end-of-turn token, no role header), so a step is scored on precisely the tokens that
+  training would supervise.
+* **Conditioned loss** `loss_cond`: the trajectory rendered once with the model's chat template (the same
+  rendering training uses), one forward pass over the whole sequence, per-token CE, mean over each step's
+  span. A causal LM's prediction at a position depends only on the tokens before it, so this equals scoring
+  each step separately on its history truncated right after the step (tests prove it to 1e-4).
+* **Step alone** `loss_alone`: the step's content as the ONLY message of a conversation,
+  `[{"role": "assistant", "content": step}]`, rendered by the same chat template and spanned by the same
+  rule. Whatever the template writes before the first message (BOS, SmolLM2's default system prompt
+  "You are a helpful AI assistant named SmolLM...") is kept: a trajectory without a system message gets
+  exactly that preamble in its conditioned rendering too, so the two renderings differ only by the
+  trajectory's history, which is what the ratio should measure. Templates that refuse a conversation
+  starting with an assistant turn (Mistral, Llama-2: "roles must alternate") need `alone_prompt`: a
+  fixed user message placed before the step (e.g. "Continue."); it is then part of the "alone" context
+  for every step alike. The alone loss depends only on the content, so it is computed once per distinct
+  content (AgentTraj repeats actions like "inventory" a lot).
+* `score = loss_cond / max(loss_alone, 1e-6)`. A step whose loss is not finite (a broken model or an
+  overflow in half precision) gets score -1.0, below every real score (losses and ratios are >= 0), so it
+  is selected last, and its reason says so.
+
+Selection (`scope`):
+
+* `trajectory` (default): the top `n_to_select(n_steps, ratio)` steps of each trajectory (round-half-up, at
+  least one), ties to the earlier step: exactly the count the random baseline selects.
+* `global`: the top ratio of ALL steps of the dataset, with at least one step per trajectory. Rule: each
+  trajectory first gets its best step; the remaining `K - T` slots (K = n_to_select(total steps, ratio),
+  T = number of trajectories) go to the highest remaining scores over the whole dataset (ties: earlier
+  trajectory, then earlier step). The total is exactly max(K, T): when there are more trajectories than
+  K, every trajectory still gets its one step and the achieved ratio exceeds `ratio`. Scores of different
+  trajectories are comparable for the ratio metric (it is normalised per step); for the plain loss they
+  are comparable as per-token losses.
+
+Long trajectories (`max_length`, tokens; null = the model's `max_position_embeddings`): every step still
+gets a real score, computed with as much history as fits, deterministically:
+
+* steps whose span ends within the first `max_length` tokens are scored from that prefix (full history);
+* any later step is scored in a *window*: the trajectory's prompt (every token before the first step's
+  message: template preamble, instructions, task) followed by the most recent WHOLE messages that fit,
+  up to and including the step, i.e. the conversation with its middle turns dropped. Because spans are
+  exact at message boundaries and the template renders turns independently (checked by masking.py), this is
+  token for token what the chat template gives for that shortened conversation (tested). One window
+  serves every later step that fits in it. If the prompt and the step's own message do not fit together,
+  the prompt is dropped too; if the step's message alone does not fit, the window is the `max_length`
+  tokens ending at the step's end. Meta `history_dropped` lists, per windowed step, how many history
+  tokens were dropped, so users can see which scores rest on a shortened history.
+* a step so long that its alone rendering exceeds `max_length` is scored (both losses) on the first tokens
+  of its span that fit.
+
+Sliding windows keep the selection independent of the training stage's own truncation and score late steps
+by what the model can actually condition on; giving them NaN/lowest instead would make "critical" depend on
+position, which is not what the metric means.
+
+Compute: conditioned sequences (one per trajectory, plus windows) and alone sequences are batched together
+across trajectories, sorted by length, right-padded with an attention mask (a causal LM's real tokens never
+attend to right padding, so scores do not depend on the batch; tested), at most `batch_size` sequences and
+`max_batch_tokens` padded tokens per forward pass. Only the logits of span positions are computed
+(`logits_to_keep`), which bounds memory at about `max_batch_tokens * ratio_of_span_tokens * vocab` floats.
+`device: auto` picks CUDA when present; `dtype: auto` is bf16 on a GPU that has it, else fp32; all under
+`torch.inference_mode()`. Trajectories are scored in chunks of `chunk_size` so that per-trajectory
+selections stream out and memory stays bounded; the global scope needs every score before selecting.
+
+Recorded per trajectory: each step's `score`, and `meta = {"metric", "loss_cond": [...], "loss_alone":
+[...] (ratio metric only), "history_dropped"?: [[step, tokens], ...]}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from atlas_exp.data.trajectory import Message, Trajectory
+from atlas_exp.errors import AtlasError, ConfigError, TemplateError
+from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ratio", "loss")
+SCOPES = ("trajectory", "global")
+#: floor of the alone loss in the ratio, so a step the model predicts perfectly alone gives a finite score
+ALONE_EPS = 1e-6
+#: the score of a step whose loss is not finite: below every real score
+UNSCORED = -1.0
+#: alone-loss cache entries kept across chunks before the cache is cleared (bounded memory)
+_ALONE_CACHE_MAX = 200_000
+
+
+# --------------------------------------------------------------------------------------------------
+# batched span losses
+
+
+@dataclass
+class ScoredSeq:
+    """One sequence to run through the model and the token spans whose mean CE we want from it.
+
+    `spans` are half-open token spans of `ids`, disjoint, each with start >= 1 (the first token has no
+    prediction); `keys` name each span's result.
+    """
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    keys: list[Hashable]
+
+
+def _batches(seqs: Sequence[ScoredSeq], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices of `seqs` grouped into batches, longest first: at most `batch_size` sequences and
+    `max_batch_tokens` padded tokens each (a longer sequence runs alone). Sorting by length keeps padding
+    small; longest first makes an out-of-memory show at the start, not after an hour."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].ids), i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        n = len(seqs[i].ids)
+        w = max(width, n)
+        if cur and (len(cur) >= batch_size or w * (len(cur) + 1) > max_batch_tokens):
+            out.append(cur)
+            cur, w = [], n
+        cur.append(i)
+        width = w
+    if cur:
+        out.append(cur)
+    return out
+
+
+class SpanScorer:
+    """Mean per-token cross-entropy of a causal LM over token spans, batched.
+
+    Kept separate from the selector so that tests (and other selectors) can score arbitrary sequences
+    with exactly the code the selector uses.
+    """
+
+    def __init__(self, model: Any, *, pad_id: int = 0, batch_size: int = 8, max_batch_tokens: int = 8192):
+        import torch
+
+        if int(batch_size) < 1:
+            raise ConfigError(f"selector.batch_size must be >= 1, got {batch_size!r}")
+        if int(max_batch_tokens) < 1:
+            raise ConfigError(f"selector.max_batch_tokens must be >= 1, got {max_batch_tokens!r}")
+        self.model = model
+        self.pad_id = int(pad_id)
+        self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.device = next(model.parameters()).device
+        self._torch = torch
+        # how `logits_to_keep` works for this model: "mask" (2-D boolean, per row), "union" (1-D positions
+        # shared by the batch), "full" (not supported: all logits). Found on the first batch.
+        self._keep_mode: str | None = None
+
+    def score(self, seqs: Sequence[ScoredSeq], *, progress: bool = False, desc: str = "scoring") -> dict[Hashable, float]:
+        """Return {key: mean CE over its span} for every span of every sequence."""
+        from tqdm.auto import tqdm
+
+        for s in seqs:
+            for a, b in s.spans:
+                if not (1 <= a < b <= len(s.ids)):
+                    raise ValueError(f"bad span {(a, b)} for a sequence of {len(s.ids)} tokens")
+        out: dict[Hashable, float] = {}
+        batches = _batches(seqs, self.batch_size, self.max_batch_tokens)
+        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress, leave=False)
+        try:
+            with self._torch.inference_mode():
+                for idx in batches:
+                    batch = [seqs[i] for i in idx]
+                    for s, losses in zip(batch, self._forward(batch)):
+                        out.update(zip(s.keys, losses))
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+        return out
+
+    def _logits(self, ids, mask, rows: list[list[int]]):
+        """Logits at the given positions of each row, flattened row-major: shape [sum(len(rows[r])), V]."""
+        torch = self._torch
+        B, L = ids.shape
+        n_true = sum(len(r) for r in rows)
+        modes = [self._keep_mode] if self._keep_mode else ["mask", "union", "full"]
+        for mode in modes:
+            if mode == "mask":
+                keep = torch.zeros((B, L), dtype=torch.bool)
+                for r, pos in enumerate(rows):
+                    keep[r, pos] = True
+                keep = keep.to(self.device)
+            elif mode == "union":
+                union = sorted({p for pos in rows for p in pos})
+                keep = torch.tensor(union, dtype=torch.long, device=self.device)
+            else:
+                keep = None
+            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+            if keep is not None:
+                kwargs["logits_to_keep"] = keep
+            try:
+                logits = self.model(**kwargs).logits
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                if self._keep_mode or mode == "full":
+                    raise
+                continue
+            if mode == "mask":
+                if logits.dim() != 2 or logits.shape[0] != n_true:
+                    continue  # this transformers version does not know per-row masks
+                flat = logits
+            else:
+                if logits.dim() != 3 or logits.shape[0] != B:
+                    continue
+                if mode == "union":
+                    if logits.shape[1] != len(union):
+                        if logits.shape[1] != L:
+                            continue
+                        logits = logits[:, keep]  # the model ignored logits_to_keep
+                    col = {p: j for j, p in enumerate(union)}
+                    flat = torch.cat([logits[r, [col[p] for p in pos]] for r, pos in enumerate(rows)])
+                else:
+                    flat = torch.cat([logits[r, pos] for r, pos in enumerate(rows)])
+            if self._keep_mode is None:
+                self._keep_mode = mode
+                log.debug("span scorer: logits_to_keep mode %s", mode)
+            return flat
+        raise AtlasError("span scorer: the model returned logits of an unexpected shape")
+
+    def _forward(self, batch: list[ScoredSeq]) -> list[list[float]]:
+        torch = self._torch
+        B = len(batch)
+        L = max(len(s.ids) for s in batch)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        rows: list[list[int]] = []
+        targets: list[int] = []
+        seg: list[int] = []
+        n_seg = 0
+        for r, s in enumerate(batch):
+            ids[r, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+            mask[r, : len(s.ids)] = 1
+            pos: list[int] = []
+            for a, b in sorted(s.spans):
+                # the logit at position p predicts token p+1
+                pos.extend(range(a - 1, b - 1))
+                targets.extend(s.ids[a:b])
+                seg.extend([n_seg] * (b - a))
+                n_seg += 1
+            rows.append(pos)
+        # spans were sorted per row above; map results back to each sequence's own span order
+        logits = self._logits(ids.to(self.device), mask.to(self.device), rows)
+        tgt = torch.tensor(targets, dtype=torch.long, device=logits.device)
+        ce = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
+        step = 4096  # fp32 log-softmax in slices: bounded extra memory on a large vocabulary
+        for i in range(0, len(targets), step):
+            ce[i : i + step] = torch.nn.functional.cross_entropy(
+                logits[i : i + step].float(), tgt[i : i + step], reduction="none"
+            )
+        seg_t = torch.tensor(seg, dtype=torch.long, device=ce.device)
+        sums = torch.zeros(n_seg, dtype=torch.float64, device=ce.device).index_add_(0, seg_t, ce.double())
+        counts = torch.zeros(n_seg, dtype=torch.float64, device=ce.device).index_add_(
+            0, seg_t, torch.ones_like(ce, dtype=torch.float64)
+        )
+        means = (sums / counts).tolist()
+        out: list[list[float]] = []
+        j = 0
+        for s in batch:
+            order = sorted(range(len(s.spans)), key=lambda i: s.spans[i])
+            vals = [0.0] * len(s.spans)
+            for i in order:
+                vals[i] = means[j]
+                j += 1
+            out.append(vals)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# model sharing: a hybrid of perplexity and perplexity_delta loads the model once
+
+_POOL: dict[tuple, list[Any]] = {}
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype in (None, "", "auto"):
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if str(dtype) not in names:
+        raise ConfigError(f"selector.dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    return names[str(dtype)]
+
+
+def _model_spec(model: Any):
+    from atlas_exp.models import ModelSpec
+
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        return ModelSpec(name=os.path.basename(model.rstrip("/")) or model, name_or_path=model)
+    if model is None:
+        raise ConfigError("selector.model is required (default: ${model}, the model being trained)")
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(model, DictConfig):
+            model = OmegaConf.to_container(model, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"selector.model must be a model config (conf/model/*.yaml) or a path, got {type(model).__name__}")
+    d = dict(model)
+    d.setdefault("name", os.path.basename(str(d.get("name_or_path", "")).rstrip("/")) or "model")
+    return ModelSpec.from_cfg(d)
+
+
+def _acquire(spec: Any, cache_dir: str, device: str, dtype: Any) -> tuple[tuple, Any, Any]:
+    from atlas_exp.models import load_model, load_tokenizer, materialize
+
+    path = materialize(spec, cache_dir)
+    key = (path, spec.revision, spec.chat_template, spec.attn_implementation, device, str(dtype))
+    hit = _POOL.get(key)
+    if hit is None:
+        log.info("scoring model %s on %s (%s)", spec.name, device, dtype)
+        tok = load_tokenizer(spec, cache_dir)
+        model = load_model(spec, cache_dir, dtype=dtype).to(device)
+        model.eval()
+        hit = _POOL[key] = [model, tok, 0]
+    hit[2] += 1
+    return key, hit[0], hit[1]
+
+
+def _release(key: tuple) -> None:
+    hit = _POOL.get(key)
+    if hit is None:
+        return
+    hit[2] -= 1
+    if hit[2] <= 0:
+        del _POOL[key]
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# the selector
+
+
+@dataclass
+class _Plan:
+    """What to compute for one trajectory."""
+
+    n_steps: int
+    cond_keys: list[Hashable]
+    alone_keys: list[Hashable]
+    #: per windowed step: history tokens dropped
+    dropped: dict[int, int]
+
+
+def select_global(scores: Sequence[Sequence[float]], ratio: float) -> list[set[int]]:
+    """The global-scope rule (module docstring): each trajectory's best step, then the best remaining
+    steps of the whole dataset until K = n_to_select(total, ratio) are chosen (total = max(K, T))."""
+    chosen = [top_k(s, 1) if len(s) else set() for s in scores]
+    total = sum(len(s) for s in scores)
+    extra = n_to_select(total, ratio) - sum(len(c) for c in chosen)
+    if extra > 0:
+        rest = sorted(
+            (-v, t, k) for t, s in enumerate(scores) for k, v in enumerate(s) if k not in chosen[t]
+        )
+        for _, t, k in rest[:extra]:
+            chosen[t].add(k)
+    return chosen
+
+
+def _positive_int(option: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"selector.{option} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class PerplexitySelector(Selector):
+    """Scores steps by a causal LM's loss on them (see the module docstring for every definition)."""
+
+    def __init__(
+        self,
+        ratio: float = 0.3,
+        seed: int = 0,
+        metric: str = "ratio",
+        scope: str = "trajectory",
+        model: Any = None,
+        cache_dir: str = "outputs/.cache",
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        max_batch_tokens: int = 8192,
+        max_length: int | None = None,
+        alone_prompt: str | None = None,
+        chunk_size: int = 256,
+        progress: bool = True,
+    ):
+        super().__init__(ratio=ratio, seed=seed)
+        if metric not in METRICS:
+            raise ConfigError(f"selector.metric must be one of {METRICS}, got {metric!r}")
+        if scope not in SCOPES:
+            raise ConfigError(f"selector.scope must be one of {SCOPES}, got {scope!r}")
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length, minimum=8)
+        batch_size = _positive_int("batch_size", batch_size)
+        max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
+        chunk_size = _positive_int("chunk_size", chunk_size)
+        if alone_prompt is not None and not str(alone_prompt).strip():
+            raise ConfigError("selector.alone_prompt must be a non-empty string or null")
+        self.metric = metric
+        self.scope = scope
+        self.name = "perplexity_delta" if metric == "ratio" else "perplexity"
+        self.spec = _model_spec(model)
+        self.cache_dir = str(cache_dir)
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self._max_length = None if max_length is None else int(max_length)
+        self.alone_prompt = None if alone_prompt is None else str(alone_prompt)
+        self.chunk_size = int(chunk_size)
+        self.progress = bool(progress)
+        self._key: tuple | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.scorer: SpanScorer | None = None
+        self.max_length: int | None = self._max_length
+        self._alone_tok: dict[str, tuple[list[int], tuple[int, int], bool]] = {}
+        self._alone_loss: dict[str, float] = {}
+
+    # ---- resources
+
+    def load(self) -> None:
+        """Load (or share) the scoring model and tokenizer; called on first use."""
+        if self.model is not None:
+            return
+        self._key, self.model, self.tokenizer = _acquire(self.spec, self.cache_dir, self.device, self.dtype)
+        pad = self.tokenizer.pad_token_id
+        self.scorer = SpanScorer(
+            self.model,
+            pad_id=0 if pad is None else pad,
+            batch_size=self.batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        if self._max_length is None:
+            n = getattr(self.model.config, "max_position_embeddings", None)
+            self.max_length = int(n) if isinstance(n, int) and n > 0 else None
+
+    def close(self) -> None:
+        if self._key is not None:
+            _release(self._key)
+        self._key = None
+        self.model = self.tokenizer = self.scorer = None
+        self._alone_tok.clear()
+        self._alone_loss.clear()
+
+    # ---- sequences
+
+    def _alone(self, content: str) -> tuple[list[int], tuple[int, int], bool]:
+        """Token ids of the step-alone rendering, the step's supervised span in it, and whether max_length
+        cut that span (cached per content)."""
+        hit = self._alone_tok.get(content)
+        if hit is not None:
+            return hit
+        from atlas_exp.train.masking import tokenize_trajectory
+
+        msgs = [Message("assistant", content, step=0)]
+        if self.alone_prompt is not None:
+            msgs.insert(0, Message("user", self.alone_prompt))
+        t = Trajectory(id="step-alone", env="-", messages=msgs)
+        try:
+            tt = tokenize_trajectory(self.tokenizer, t)
+        except TemplateError as e:
+            if self.alone_prompt is None:
+                raise ConfigError(
+                    f"selector: the chat template cannot render a step alone (a conversation that is one assistant "
+                    f"turn): {e}. Set selector.alone_prompt to a fixed user message placed before each step "
+                    f"(e.g. selector.alone_prompt=Continue.)"
+                ) from None
+            raise
+        a, b = tt.step_spans[0]
+        M = self.max_length
+        cut = M is not None and b > M
+        if cut:
+            if a >= M:
+                raise ConfigError(
+                    f"selector.max_length={M} leaves no room for a step after the {a} tokens the template writes "
+                    f"before it when rendered alone"
+                )
+            b = M
+        hit = (tt.input_ids[:b], (a, b), cut)
+        if len(self._alone_tok) >= _ALONE_CACHE_MAX:
+            self._alone_tok.clear()
+        self._alone_tok[content] = hit
+        return hit
+
+    def _plan(self, ti: int, traj: Trajectory) -> tuple[_Plan, list[ScoredSeq]]:
+        """The conditioned sequences of one trajectory (the whole prefix, plus windows past max_length)."""
+        from atlas_exp.train.masking import tokenize_trajectory
+
+        tt = tokenize_trajectory(self.tokenizer, traj)
+        ids = tt.input_ids
+        M = self.max_length
+        steps = traj.steps
+        msg_of_step = traj.step_message_index()
+        msg_starts = [s for s, _ in tt.message_spans]
+        spans: list[tuple[int, int]] = []
+        for k, (a, b) in enumerate(tt.step_spans):
+            if M is not None:
+                if self.metric == "ratio":
+                    _, (a1, b1), cut = self._alone(steps[k].content)
+                    if cut:  # scored alone on its first tokens only: score the same tokens in context
+                        b = min(b, a + (b1 - a1))
+                b = min(b, a + M - 1)  # room for at least one token of context
+            spans.append((a, b))
+        cond_keys: list[Hashable] = [("c", ti, k) for k in range(len(spans))]
+        alone_keys: list[Hashable] = [("a", s.content) for s in steps] if self.metric == "ratio" else []
+        seqs: list[ScoredSeq] = []
+        dropped: dict[int, int] = {}
+
+        first = [k for k, (a, b) in enumerate(spans) if M is None or b <= M]
+        if first:
+            end = max(spans[k][1] for k in first)  # tokens after the last scored span change nothing
+            seqs.append(ScoredSeq(ids[:end], [spans[k] for k in first], [cond_keys[k] for k in first]))
+        remaining = [k for k in range(len(spans)) if k not in set(first)]
+        head = msg_starts[msg_of_step[0]]  # the prompt: everything before the agent's first action
+        while remaining:
+            k = remaining[0]
+            a, e = spans[k]
+            ms = msg_starts[msg_of_step[k]]
+            if head + (e - ms) <= M:  # type: ignore[operator]
+                s = min(x for x in msg_starts if head <= x <= ms and head + (e - x) <= M)  # type: ignore[operator]
+                prefix, start, room = ids[:head], s, M - head  # type: ignore[operator]
+            elif e - ms <= M:  # type: ignore[operator]
+                s = min(x for x in msg_starts if x <= ms and e - x <= M)  # type: ignore[operator]
+                prefix, start, room = [], s, M
+            else:
+                prefix, start, room = [], e - M, M  # type: ignore[operator]
+            covered = [j for j in remaining if spans[j][0] >= start and spans[j][1] <= start + room]
+            end = max(spans[j][1] for j in covered)
+            window = prefix + ids[start:end]
+            shift = len(prefix) - start
+            seqs.append(
+                ScoredSeq(window, [(spans[j][0] + shift, spans[j][1] + shift) for j in covered], [cond_keys[j] for j in covered])
+            )
+            for j in covered:
+                dropped[j] = start - len(prefix)
+            cov = set(covered)
+            remaining = [j for j in remaining if j not in cov]
+        return _Plan(len(spans), cond_keys, alone_keys, dropped), seqs
+
+    # ---- scoring
+
+    def score_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
+        """Scores, meta and per-step reasons of each trajectory of `trajs` (one batched computation)."""
+        self.load()
+        assert self.scorer is not None
+        plans: list[_Plan] = []
+        seqs: list[ScoredSeq] = []
+        for i, t in enumerate(trajs):
+            plan, s = self._plan(offset + i, t)
+            plans.append(plan)
+            seqs.extend(s)
+        if self.metric == "ratio":
+            new = sorted({s.content for t in trajs for s in t.steps if s.content not in self._alone_loss})
+            for c in new:
+                ids, span, _ = self._alone(c)
+                seqs.append(ScoredSeq(ids, [span], [("a", c)]))
+        losses = self.scorer.score(seqs, progress=self.progress, desc=f"{self.name} scoring")
+        for key, v in losses.items():
+            if key[0] == "a":  # type: ignore[index]
+                self._alone_loss[key[1]] = v  # type: ignore[index]
+        if len(self._alone_loss) > _ALONE_CACHE_MAX:
+            self._alone_loss.clear()
+        out = []
+        for plan in plans:
+            cond = [losses[k] for k in plan.cond_keys]
+            alone = [self._alone_loss.get(k[1], losses.get(k, math.nan)) for k in plan.alone_keys]  # type: ignore[index]
+            scores: list[float] = []
+            reasons: list[str | None] = []
+            for k in range(plan.n_steps):
+                v = cond[k] / max(alone[k], ALONE_EPS) if self.metric == "ratio" else cond[k]
+                why = None
+                if not math.isfinite(v):
+                    v, why = UNSCORED, "not finite: the model gave a non-finite loss"
+                elif k in plan.dropped:
+                    why = f"scored in a window: {plan.dropped[k]} history tokens dropped (max_length={self.max_length})"
+                scores.append(v)
+                reasons.append(why)
+            meta: dict[str, Any] = {"metric": self.metric, "loss_cond": cond}
+            if self.metric == "ratio":
+                meta["loss_alone"] = alone
+            if plan.dropped:
+                meta["history_dropped"] = [[k, n] for k, n in sorted(plan.dropped.items())]
+            out.append((scores, meta, reasons))
+        return out
+
+    def _selection(self, traj: Trajectory, scored: tuple[list[float], dict[str, Any], list[str | None]], chosen: set[int]) -> Selection:
+        scores, meta, reasons = scored
+        steps = [StepChoice(step=k, score=s, selected=k in chosen, reason=r) for k, (s, r) in enumerate(zip(scores, reasons))]
+        return Selection(id=traj.id, selector=self.name, ratio=self.ratio, steps=steps, meta=meta)
+
+    def select(self, trajectories: Sequence[Trajectory]) -> Iterator[Selection]:
+        trajs = list(trajectories)
+        if self.scope == "trajectory":
+            for i in range(0, len(trajs), self.chunk_size):
+                chunk = trajs[i : i + self.chunk_size]
+                for t, sc in zip(chunk, self.score_chunk(chunk, offset=i)):
+                    yield self._selection(t, sc, top_k(sc[0], n_to_select(t.n_steps, self.ratio)))
+            return
+        scored: list[tuple[list[float], dict[str, Any], list[str | None]]] = []
+        for i in range(0, len(trajs), self.chunk_size):
+            scored.extend(self.score_chunk(trajs[i : i + self.chunk_size], offset=i))
+        chosen = select_global([s[0] for s in scored], self.ratio)
+        for t, sc, c in zip(trajs, scored, chosen):
+            yield self._selection(t, sc, c)
+
+    def select_one(self, traj: Trajectory) -> Selection:
+        """One trajectory alone (global scope degenerates to per-trajectory: the dataset is this one)."""
+        (sel,) = self.select([traj])
+        return sel
+
