@@ -22,6 +22,16 @@ def test_a_crash_while_writing_leaves_the_previous_artifact_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["selection.jsonl"]  # no temp file left
 
 
+def test_artifacts_are_readable_by_others_like_ordinary_files(tmp_path):
+    import os
+    import stat
+
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "a"}])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.jsonl").stat().st_mode) == 0o666 & ~umask
+
+
 def test_bad_json_line_is_named(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"id": 1}\n\n{"id": \n')

@@ -21,6 +21,12 @@ from atlas_exp.errors import AtlasError, DataError
 
 SCHEMA_VERSION = 1
 
+# mkstemp creates files readable by their owner only; artifacts get the usual mode (0666 less the umask)
+# so that collaborators on a shared file system can read a run.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
@@ -30,6 +36,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
