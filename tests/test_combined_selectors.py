@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from atlas_exp.data.trajectory import Message, Trajectory
+from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import ConfigError, DataError
 from atlas_exp.selectors.base import Selection, n_to_select
 from atlas_exp.selectors.combine import HybridSelector, NonCriticalSelector, normalized_ranks

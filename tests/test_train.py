@@ -143,7 +143,7 @@ def test_full_finetuning_saves_a_model_that_reloads(tmp_path, short_textcraft, s
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_rank_deepspeed_on_cpu(tmp_path, short_textcraft, zero, smollm2_dir):
     rd = tmp_path / "run"
-    p = run_app(
+    run_app(
         rd,
         f"deepspeed={zero}",
         "launcher.nproc_per_node=2",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Any
+
 from omegaconf import OmegaConf
 
+from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.models import package_dir
 
 #: `conf/` at the repository root (the design card's layout); ATLAS_EXP_CONF overrides it.
@@ -29,3 +32,25 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+
+
+def build(node: Any, option: str, expected: type | None = None, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)`, with failures reported as one line naming the option.
+
+    Hydra wraps whatever the constructor raised in an InstantiationException; our own errors (AtlasError)
+    are re-raised as they are, anything else becomes a ConfigError that names `option` and the `_target_`.
+    With `expected`, an object of another type is refused too (a `_target_` pointing at the wrong class).
+    """
+    from hydra.utils import instantiate
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    try:
+        obj = instantiate(node, **kwargs)
+    except Exception as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, AtlasError):
+            raise cause from None
+        raise ConfigError(f"{option}: cannot build {target}: {cause}") from None
+    if expected is not None and not isinstance(obj, expected):
+        raise ConfigError(f"{option}._target_ {target} is not an atlas_exp {expected.__name__}")
+    return obj

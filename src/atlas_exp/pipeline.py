@@ -1,4 +1,4 @@
-"""The run directory and the order of stages: data -> select -> train (-> eval, a later stage).
+"""The run directory and the order of stages: data -> select -> train -> eval.
 
 Each stage reads only the previous stage's artifact from the run directory (plus its config), so any
 stage can be rerun alone (`stage=select`), cached (a finished artifact with the same fingerprint is
@@ -62,6 +62,20 @@ class RunDir:
         return self.root / "logs"
 
     @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def eval_episodes(self) -> Path:
+        """Every played episode, one JSON line each (the eval stage's resume log)."""
+        return self.root / "eval" / "episodes.jsonl"
+
+    @property
+    def results(self) -> Path:
+        """Per-task and held-in/held-out scores: what the sweep report collects."""
+        return self.root / "results.json"
+
+    @property
     def train_config(self) -> Path:
         """The resolved config handed to torchrun workers (they do not compose Hydra again)."""
         return self.root / ".hydra" / "resolved.yaml"
@@ -70,15 +84,17 @@ class RunDir:
 def _stages() -> dict[str, Callable[[DictConfig, RunDir], None]]:
     # imported lazily so that `--help` and config errors do not pay for torch/transformers imports
     from atlas_exp.data.stage import run_data_stage
+    from atlas_exp.eval.stage import run_eval_stage
     from atlas_exp.report.inspect import run_inspect_stage
     from atlas_exp.selectors.stage import run_select_stage
     from atlas_exp.train.launch import run_train_stage
 
-    return {"data": run_data_stage, "select": run_select_stage, "train": run_train_stage, "inspect": run_inspect_stage}
+    return {"data": run_data_stage, "select": run_select_stage, "train": run_train_stage,
+            "eval": run_eval_stage, "inspect": run_inspect_stage}
 
 
 #: what `stage=all` runs, in order
-STAGE_ORDER = ("data", "select", "train")
+STAGE_ORDER = ("data", "select", "train", "eval")
 #: stages that only look at artifacts; run on request
 EXTRA_STAGES = ("inspect",)
 

@@ -58,6 +58,9 @@ class Env(ABC):
 
     #: the env name used in `Trajectory.env` and in configs ("textcraft", "babyai", ...)
     name: str = ""
+    #: the assistant's reply to the instruction in every training conversation (AgentTraj-L's `loss: false`
+    #: turn); evaluation replays it so the model sees the conversation shape it was trained on
+    ack: str = "OK. I'll follow your instructions and try my best to solve the task."
 
     @abstractmethod
     def instruction(self) -> str:

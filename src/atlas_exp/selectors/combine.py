@@ -39,7 +39,7 @@ def build_child(spec: Any, *, ratio: float, seed: int, role: str) -> Selector:
         if not math.isclose(spec.ratio, ratio):
             raise ConfigError(f"selector.{role}: a child selector must run at ratio {ratio}, got {spec.ratio}")
         return spec
-    from hydra.utils import instantiate
+    from atlas_exp.config import build
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(spec, Mapping) and not isinstance(spec, DictConfig):
@@ -49,16 +49,7 @@ def build_child(spec: Any, *, ratio: float, seed: int, role: str) -> Selector:
     extra: dict[str, Any] = {"ratio": ratio}
     if spec.get("seed") is None:
         extra["seed"] = seed
-    try:
-        child = instantiate(spec, **extra)
-    except Exception as e:  # Hydra wraps the real cause; name the child that failed
-        cause = e.__cause__ or e
-        if isinstance(cause, AtlasError):
-            raise cause from None
-        raise ConfigError(f"selector.{role}: cannot build {spec.get('_target_')}: {cause}") from None
-    if not isinstance(child, Selector):
-        raise ConfigError(f"selector.{role}._target_ {spec.get('_target_')} is not an atlas_exp Selector")
-    return child
+    return build(spec, f"selector.{role}", Selector, **extra)
 
 
 def aligned(child: Selector, trajs: Sequence[Trajectory], role: str) -> Iterator[Selection]:

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from hydra.utils import instantiate
+from atlas_exp.config import build
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -20,7 +20,7 @@ from atlas_exp.artifacts import (
     write_jsonl,
 )
 from atlas_exp.data.trajectory import Trajectory
-from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.errors import AtlasError
 from atlas_exp.pipeline import RunDir
 from atlas_exp.selectors.base import Selection, Selector, summarize
 
@@ -36,16 +36,7 @@ def read_selections(path) -> list[Selection]:
 
 
 def build_selector(cfg: DictConfig) -> Selector:
-    try:
-        sel = instantiate(cfg.selector)
-    except Exception as e:  # Hydra wraps the real cause; show it with the option that failed
-        cause = e.__cause__ or e
-        if isinstance(cause, AtlasError):
-            raise cause from None
-        raise ConfigError(f"selector: cannot build {cfg.selector.get('_target_')}: {cause}") from None
-    if not isinstance(sel, Selector):
-        raise ConfigError(f"selector._target_ {cfg.selector.get('_target_')} is not an atlas_exp Selector")
-    return sel
+    return build(cfg.selector, "selector", Selector)
 
 
 def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: the model as a ReAct agent in real envs (policy -> rollout -> results.json)."""

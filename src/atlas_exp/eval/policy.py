@@ -1,0 +1,310 @@
+"""Policies: what turns a batch of conversations into the agent's next replies.
+
+The evaluation loop (`eval/rollout.py`) keeps many episodes in flight and asks the policy for all their
+next turns at once, so a policy's one job is `generate(conversations) -> replies`, batched:
+
+- `HFPolicy`: a transformers causal LM (the run's finetuned model by default: base + LoRA adapter, merged
+  for speed, or the full finetuned weights), greedy by default, left-padded batched `generate`. Batching is
+  what makes CPU evaluation of a 135M model bearable and GPU evaluation of an 8B model cheap.
+- `OpenAIPolicy`: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, OpenAI), N requests in flight,
+  with the oracle's client (retries with backoff, disk cache keyed by the prompt, token counts).
+
+A conversation that no longer fits the model's context gets `NoReply("context_limit")`: the loop ends that
+episode there (AgentGym's evaluation does the same), never with a silently truncated prompt. An endpoint
+that fails after its retries gives `NoReply("no_reply")`, which ends only that episode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from atlas_exp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class NoReply:
+    """Why a conversation got no reply; the loop ends its episode with `reason` as the end cause."""
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the eval stage knows that a policy may need: the run's model and where models are cached."""
+
+    #: the run's base model config (`cfg.model`, resolved): name_or_path, gguf_file, chat_template, ...
+    model_cfg: dict[str, Any]
+    #: `<run_dir>/model`: the training stage's output (a LoRA adapter or full weights); may not exist
+    run_model_dir: Path
+    cache_dir: str
+    seed: int = 0
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Batched next-turn generation. `generate` returns one reply per conversation, NoReply where it cannot."""
+
+    name: str
+
+    def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the replies (model, adapter, decoding), for results.json and its fingerprint."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFPolicy:
+    """A local transformers model as the agent.
+
+    `model`: `run` (the run dir's trained model: the adapter in `<run_dir>/model` over the base model, or
+    the full weights saved there), `base` (the untrained base model: the "no finetuning" row), or a path /
+    Hub name of any causal LM. `max_context` caps prompt + reply tokens (default: the model's own limit).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        *,
+        context: PolicyContext,
+        model: str = "run",
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_context: int | None = None,
+        dtype: str = "auto",
+        batch_size: int = 16,
+    ):
+        import torch
+
+        from atlas_exp.models import ModelSpec, load_model, load_tokenizer
+
+        if max_new_tokens < 1:
+            raise ConfigError(f"policy.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.batch_size = int(batch_size)
+        self.device = _device()
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype, None)
+            if not isinstance(torch_dtype, torch.dtype):
+                raise ConfigError(f"policy.dtype={dtype!r} is not a torch dtype (auto | bfloat16 | float16 | float32)")
+        spec = ModelSpec.from_cfg(context.model_cfg)
+        run_dir = Path(context.run_model_dir)
+        self.source: dict[str, Any] = {"model": model, "base": spec.name}
+        if model == "run":
+            if (run_dir / "adapter_config.json").exists():
+                from peft import PeftModel
+
+                base = load_model(spec, context.cache_dir, dtype=torch_dtype)
+                # merged once: generation then runs at the base model's speed
+                self.model = PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload()
+                self.source["adapter"] = str(run_dir)
+            elif (run_dir / "config.json").exists():
+                from transformers import AutoModelForCausalLM
+
+                self.model = AutoModelForCausalLM.from_pretrained(str(run_dir), dtype=torch_dtype)
+                self.source["weights"] = str(run_dir)
+            else:
+                raise ConfigError(
+                    f"policy.model=run: no trained model in {run_dir} (run the train stage first, or set "
+                    "policy.model=base to evaluate the untrained base model)"
+                )
+            tok_dir = run_dir if (run_dir / "tokenizer_config.json").exists() else None
+        elif model == "base":
+            self.model = load_model(spec, context.cache_dir, dtype=torch_dtype)
+            tok_dir = None
+        else:
+            from transformers import AutoModelForCausalLM
+
+            try:
+                self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+            except OSError as e:
+                raise ConfigError(f"policy.model={model!r}: not a run/base keyword, a model folder or a Hub name ({e})") from None
+            tok_dir = model
+        if tok_dir is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+            if spec.chat_template and model == "run":
+                self.tokenizer.chat_template = spec.chat_template
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        else:
+            self.tokenizer = load_tokenizer(spec, context.cache_dir)
+        if self.tokenizer.chat_template is None:
+            raise ConfigError(f"policy.model={model!r}: the tokenizer has no chat template; set model.chat_template")
+        self.tokenizer.padding_side = "left"
+        self.model.to(self.device).eval()
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        self.max_context = int(min(max_context, limit) if max_context else limit)
+        self.stop_ids = self._stop_token_ids()
+        self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0}
+        torch.manual_seed(context.seed)
+
+    def _stop_token_ids(self) -> list[int]:
+        """The end-of-turn tokens: eos plus the template's own turn terminator when it differs (<|eot_id|>)."""
+        ids = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for x in (self.tokenizer.eos_token_id, gen_eos):
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, (list, tuple)):
+                ids.update(int(i) for i in x)
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None and tid >= 0:
+                if tok in self.tokenizer.get_vocab():
+                    ids.add(tid)
+        return sorted(ids)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policy": self.name,
+            **self.source,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_context": self.max_context,
+        }
+
+    def encode(self, conversation: list[Message]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]:
+        import torch
+
+        out: list[str | NoReply] = [NoReply("context_limit", f"prompt + {self.max_new_tokens} new tokens > {self.max_context}")] * len(conversations)
+        encoded = [(i, self.encode(c)) for i, c in enumerate(conversations)]
+        fits = [(i, ids) for i, ids in encoded if len(ids) + self.max_new_tokens <= self.max_context]
+        self.stats["context_limit"] += len(encoded) - len(fits)
+        # similar lengths together: less padding in each generate call
+        fits.sort(key=lambda x: len(x[1]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(fits), self.batch_size):
+            chunk = fits[start:start + self.batch_size]
+            width = max(len(ids) for _, ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (_, ids) in enumerate(chunk):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                mask[row, width - len(ids):] = 1
+            kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad,
+                                      "eos_token_id": self.stop_ids}
+            if self.temperature > 0:
+                kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            new = gen[:, width:].cpu()
+            self.stats["calls"] += 1
+            for row, (i, ids) in enumerate(chunk):
+                toks = new[row].tolist()
+                n = len(toks)
+                for k, t in enumerate(toks):
+                    if t in self.stop_ids:
+                        n = k
+                        break
+                out[i] = self.tokenizer.decode(toks[:n], skip_special_tokens=True).strip()
+                self.stats["replies"] += 1
+                self.stats["prompt_tokens"] += len(ids)
+                self.stats["completion_tokens"] += n
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+class OpenAIPolicy:
+    """An OpenAI-compatible chat endpoint as the agent (vLLM, llama.cpp server, OpenAI).
+
+    The key comes from `$api_key_env` and is never stored. Replies are cached on disk by prompt (under
+    `cache_path`), so a crashed evaluation resumed with the same endpoint and decoding replays for free.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        context: PolicyContext,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_new_tokens: int = 256,
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        concurrency: int = 8,
+        cache_path: str | None = None,
+        prices: dict[str, Any] | None = None,
+    ):
+        from atlas_exp.selectors.llm_client import ChatClient
+
+        api_key = os.environ.get(api_key_env)
+        if not api_key and not base_url:
+            raise ConfigError(
+                f"policy=openai needs policy.base_url (a local vLLM / llama.cpp server) or an API key in ${api_key_env}"
+            )
+        self.model_name = str(model)
+        self.base_url = base_url
+        self.concurrency = max(1, int(concurrency))
+        self.client = ChatClient(
+            model=self.model_name, base_url=base_url, api_key=api_key, api_key_env=api_key_env,
+            temperature=float(temperature), max_tokens=int(max_new_tokens), timeout=float(timeout),
+            max_retries=int(max_retries), response_format="none", seed=context.seed, prices=prices or {},
+            cache_path=cache_path,
+        )
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="policy")
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats.as_dict()
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, "model": self.model_name, "base_url": self.base_url,
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+
+    def _one(self, conversation: list[Message]) -> str | NoReply:
+        from atlas_exp.selectors.llm_client import LLMError
+
+        try:
+            return self.client.chat(conversation).text.strip()
+        except LLMError as e:
+            # a reply that cannot be had ends the episode (counted), it does not stop the evaluation
+            log.warning("policy: no reply (%s)", e)
+            return NoReply("no_reply", str(e))
+
+    def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]:
+        return list(self._pool.map(self._one, conversations))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()

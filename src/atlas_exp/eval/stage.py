@@ -1,0 +1,293 @@
+"""The eval stage: the run's model (or any model/endpoint) as a ReAct agent in real envs -> results.json.
+
+Artifacts in the run dir:
+- `eval/episodes.jsonl`: one line per finished episode (the whole conversation, how it ended, success and
+  score), appended and fsynced as each episode ends. It is the stage's resume log: a crashed or
+  interrupted evaluation restarted in the same run dir replays only the episodes that are missing. Each
+  line carries the fingerprint of its task (env config, policy, model); lines of another fingerprint are
+  dropped when the stage starts, so changing one task's config reruns only that task.
+- `results.json`: per task (value in percent as the paper reports it, n, ends, invalid actions) and the
+  held-in / held-out averages; what `python -m atlas_exp.report` collects across a sweep.
+
+Tasks come from `cfg.eval.tasks` (see `conf/eval/`): each names an env (`_target_`), its split (held_in |
+held_out), its headline metric (success | score) and its episodes (`{start, count}`, a list, or a
+`_target_` that returns a list). The policy comes from `cfg.policy` (see `conf/policy/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from atlas_exp.artifacts import SCHEMA_VERSION, file_fingerprint, fingerprint, write_json, write_jsonl
+from atlas_exp.config import build
+from atlas_exp.envs.base import Env
+from atlas_exp.errors import ConfigError
+from atlas_exp.eval.policy import Policy, PolicyContext
+from atlas_exp.eval.results import METRICS, SPLITS, TaskInfo, format_table, summarize
+from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
+from atlas_exp.pipeline import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One configured task: an env, its episodes and how it is scored."""
+
+    name: str
+    split: str
+    metric: str
+    env_cfg: dict[str, Any]
+    episodes: list[int | str]
+    max_turns: int
+
+    def info(self, env_name: str) -> TaskInfo:
+        return TaskInfo(self.name, env_name, self.split, self.metric, len(self.episodes))
+
+
+def _episodes(name: str, spec: Any) -> list[int | str]:
+    where = f"eval.tasks.{name}.episodes"
+    if spec is None:
+        raise ConfigError(f"{where} is missing: give {{start, count}}, a list of items, or a _target_")
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, list):
+        items = spec
+    elif isinstance(spec, dict) and "_target_" in spec:
+        items = list(build(spec, where))
+    elif isinstance(spec, dict) and "count" in spec:
+        start, count, step = int(spec.get("start", 0)), int(spec["count"]), int(spec.get("step", 1))
+        if count < 0 or step < 1:
+            raise ConfigError(f"{where}: count must be >= 0 and step >= 1, got count={count} step={step}")
+        items = list(range(start, start + count * step, step))
+    else:
+        raise ConfigError(f"{where} must be {{start, count[, step]}}, a list, or a _target_; got {spec!r}")
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, (int, str)):
+            raise ConfigError(f"{where}: items must be ints or strings, got {i!r}")
+    if len(set(map(str, items))) != len(items):
+        raise ConfigError(f"{where}: the episode list has duplicates")
+    return items
+
+
+def build_tasks(cfg: DictConfig) -> list[EvalTask]:
+    """The configured tasks, validated: a bad option is named here, not discovered an hour into a run."""
+    ev = cfg.eval
+    tasks = []
+    default_turns = int(ev.get("max_turns", 30))
+    for name, t in (ev.get("tasks") or {}).items():
+        if t is None:  # `eval.tasks.sciworld=null` drops a task from a preset
+            continue
+        split = str(t.get("split", "held_in"))
+        if split not in SPLITS:
+            raise ConfigError(f"eval.tasks.{name}.split={split!r}: choose one of {', '.join(SPLITS)}")
+        metric = str(t.get("metric", "success"))
+        if metric not in METRICS:
+            raise ConfigError(f"eval.tasks.{name}.metric={metric!r}: choose one of {', '.join(METRICS)}")
+        if not t.get("env") or "_target_" not in t.env:
+            raise ConfigError(f"eval.tasks.{name}.env needs a _target_ (an atlas_exp.envs class)")
+        env_cfg = OmegaConf.to_container(t.env, resolve=True)
+        turns = int(t.get("max_turns") or default_turns)
+        if turns < 1:
+            raise ConfigError(f"eval.tasks.{name}.max_turns must be >= 1")
+        tasks.append(EvalTask(str(name), split, metric, env_cfg, _episodes(str(name), t.get("episodes")), turns))
+    return tasks
+
+
+def _env_factory(task: EvalTask) -> Callable[[], Env]:
+    def make() -> Env:
+        return build(task.env_cfg, f"eval.tasks.{task.name}.env", Env)
+
+    return make
+
+
+def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
+    """What identifies the agent: the policy config, the base model, and the trained weights (via the
+    training summary, which changes whenever training reruns)."""
+    pol = OmegaConf.to_container(cfg.policy, resolve=True)
+    assert isinstance(pol, dict)
+    pol.pop("batch_size", None)  # how replies are batched is not part of what they are
+    out: dict[str, Any] = {"policy": pol}
+    if pol.get("model", "run") in ("run", "base") and "HFPolicy" in str(pol.get("_target_", "")):
+        out["base_model"] = OmegaConf.to_container(cfg.model, resolve=True)
+    if pol.get("model") == "run":
+        out["trained"] = file_fingerprint(rd.training_summary) if rd.training_summary.exists() else None
+    return out
+
+
+def _load_done(path: Path, fps: dict[str, str], planned: dict[str, set[str]]) -> list[dict[str, Any]]:
+    """Episodes of this config already played (the resume log), tolerating a torn last line."""
+    if not path.exists():
+        return []
+    kept, dropped, torn = [], 0, 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if fps.get(r.get("task")) == r.get("fingerprint") and r.get("episode") in planned.get(r.get("task"), ()):
+                kept.append(r)
+            else:
+                dropped += 1
+    # one record per episode (a line written twice by an interrupted rewrite counts once)
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in kept:
+        seen[(r["task"], r["episode"])] = r
+    if dropped or torn:
+        log.info("eval: resume log %s: kept %d episode(s), dropped %d of another config, %d unreadable line(s)",
+                 path, len(seen), dropped, torn)
+    return list(seen.values())
+
+
+def _log_wandb(cfg: DictConfig, rd: RunDir, results: dict[str, Any]) -> None:
+    lg = cfg.logger
+    if str(lg.report_to) != "wandb":
+        return
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover - wandb is a requirement
+        log.warning("eval: logger=wandb but wandb is not installed; skipping")
+        return
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=str(lg.project), entity=lg.entity or None, group=str(lg.group) if lg.group else None,
+        job_type="eval", name=f"{rd.root.name}-eval", dir=str(rd.logs), mode=str(lg.mode),
+        tags=list(lg.tags or []), config={"experiment": OmegaConf.to_container(cfg, resolve=True)},
+        reinit="finish_previous",
+    )
+    flat: dict[str, Any] = {}
+    for name, t in results["tasks"].items():
+        flat[f"eval/{t['split']}/{name}"] = t["value"]
+    for split, s in results["splits"].items():
+        flat[f"eval/{split}/average"] = s["average"]
+    run.log(flat)
+    run.summary.update(flat)
+    rows = [[n, t["split"], t["metric"], t["value"], t["n"]] for n, t in results["tasks"].items()]
+    run.log({"eval/table": wandb.Table(columns=["task", "split", "metric", "value", "n"], data=rows)})
+    run.finish()
+
+
+def build_policy(cfg: DictConfig, rd: RunDir) -> Policy:
+    ctx = PolicyContext(
+        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        run_model_dir=rd.model,
+        cache_dir=str(cfg.cache_dir),
+        seed=int(cfg.seed),
+    )
+    return build(cfg.policy, "policy", Policy, context=ctx)
+
+
+def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
+    tasks = build_tasks(cfg)
+    if not tasks:
+        log.info("eval: no tasks configured (eval=%s); nothing to evaluate", cfg.eval.get("name", "?"))
+        return
+    model_fp = _model_fingerprint(cfg, rd)
+    fps = {t.name: fingerprint("eval", SCHEMA_VERSION, model_fp, t.env_cfg, t.max_turns) for t in tasks}
+    planned = {t.name: {str(e) for e in t.episodes} for t in tasks}
+    run_fp = fingerprint("eval-run", sorted(fps.items()), sorted((k, sorted(v)) for k, v in planned.items()))
+    rd.eval_dir.mkdir(parents=True, exist_ok=True)
+
+    if cfg.force and rd.eval_episodes.exists():
+        os.replace(rd.eval_episodes, rd.eval_episodes.with_suffix(f".jsonl.{int(time.time())}.bak"))
+    done = _load_done(rd.eval_episodes, fps, planned)
+    # rewrite the log with only this config's episodes, then append to it
+    write_jsonl(rd.eval_episodes, done)
+    done_keys = {(r["task"], r["episode"]) for r in done}
+    todo = [EpisodeTask(t.name, e) for t in tasks for e in t.episodes if (t.name, str(e)) not in done_keys]
+    env_names = {t.name: str(t.env_cfg["_target_"]).rsplit(".", 1)[-1] for t in tasks}
+    for r in done:
+        env_names[r["task"]] = r["env"]
+
+    t0 = time.time()
+    policy_info: dict[str, Any] = {}
+    if todo:
+        log.info("eval: %d episode(s) to play (%d already in %s)", len(todo), len(done), rd.eval_episodes)
+        factories = {t.name: _env_factory(t) for t in tasks}
+        # build each env once now: a missing dependency or data folder fails before the model loads
+        for t in tasks:
+            if any(x.task == t.name for x in todo):
+                factories[t.name]().close()
+        policy = build_policy(cfg, rd)
+        policy_info = policy.describe()
+        pool = EnvPool(factories)
+        records = list(done)
+        wins: dict[str, list[int]] = {}
+        bar = tqdm(total=len(todo), desc="eval", unit="ep")
+        try:
+            with rd.eval_episodes.open("a", encoding="utf-8") as log_f:
+                for res in run_episodes(todo, pool, policy, batch_size=int(cfg.eval.batch_size),
+                                        max_turns={t.name: t.max_turns for t in tasks}):
+                    rec = {"fingerprint": fps[res.task], **res.to_dict()}
+                    log_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    log_f.flush()
+                    os.fsync(log_f.fileno())
+                    records.append(rec)
+                    env_names[res.task] = res.env
+                    w = wins.setdefault(res.task, [0, 0])
+                    w[0] += int(res.success)
+                    w[1] += 1
+                    bar.update(1)
+                    bar.set_postfix({k: f"{a}/{n}" for k, (a, n) in wins.items()}, refresh=False)
+        finally:
+            bar.close()
+            pool.close()
+            stats = getattr(policy, "stats", None)
+            if stats:
+                policy_info["stats"] = dict(stats)
+            policy.close()
+    else:
+        records = done
+        log.info("eval: all %d episode(s) already played for this config (%s)", len(done), rd.eval_episodes)
+
+    summary = summarize(records, [t.info(env_names[t.name]) for t in tasks])
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": run_fp,
+        "run_dir": str(rd.root),
+        "eval": str(cfg.eval.get("name", "")),
+        "policy": policy_info or _previous_policy(rd, run_fp),
+        "model": model_fp,
+        "selection": _json_or_empty(rd.selection_summary, ("selector", "ratio", "achieved_ratio", "n_steps", "n_selected")),
+        "training": _json_or_empty(rd.training_summary, ("mode", "model", "global_step", "train_loss", "world_size")),
+        **summary,
+        "seconds": round(time.time() - t0, 3),
+    }
+    write_json(rd.results, results)
+    log.info("eval results -> %s\n%s", rd.results, format_table(summary))
+    _log_wandb(cfg, rd, results)
+
+
+def _json_or_empty(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return {k: d[k] for k in keys if k in d}
+
+
+def _previous_policy(rd: RunDir, run_fp: str) -> dict[str, Any]:
+    """On a rerun with nothing left to play, keep the policy description of the run that played it."""
+    if rd.results.exists():
+        try:
+            prev = json.loads(rd.results.read_text())
+            if prev.get("fingerprint") == run_fp:
+                return prev.get("policy") or {}
+        except json.JSONDecodeError:
+            pass
+    return {}

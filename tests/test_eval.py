@@ -1,0 +1,277 @@
+"""The eval stage: the agent loop, batched policies, results.json, resume, and errors that name the option."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from atlas_exp.envs.base import Env, StepResult
+from atlas_exp.envs.textcraft import TextCraftEnv, sample_episode
+from atlas_exp.envs.textcraft_expert import UncraftableGoal, expert_turns
+from atlas_exp.eval.policy import HFPolicy, NoReply, PolicyContext
+from atlas_exp.eval.results import TaskInfo, summarize
+from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
+from conftest import TEST_CACHE
+from test_app import app
+
+
+class ExpertPolicy:
+    """Replies with the scripted TextCraft expert's turns for the episode whose first observation it sees."""
+
+    name = "expert"
+
+    def __init__(self, seeds: list[int], break_after: int | None = None):
+        self.turns: dict[str, list[str]] = {}
+        env = TextCraftEnv()
+        for s in seeds:
+            ep = sample_episode(s, tree=env.tree)
+            self.turns[ep.first_observation()] = [t for t, _ in expert_turns(ep, random.Random(s), env)]
+        self.break_after = break_after
+        self.batches: list[int] = []
+
+    def generate(self, conversations):
+        self.batches.append(len(conversations))
+        out = []
+        for conv in conversations:
+            k = sum(m["role"] == "assistant" for m in conv) - 1  # the ack is not a step
+            steps = self.turns[conv[2]["content"]]
+            if self.break_after is not None and k >= self.break_after:
+                out.append("Thought:\nI will wander.\n\nAction:\nget 1 nothing")
+            else:
+                out.append(steps[k])
+        return out
+
+    def describe(self):
+        return {"policy": self.name}
+
+    def close(self):
+        pass
+
+
+def _solvable_seeds(n: int, start: int = 100000) -> list[int]:
+    env, seeds, s = TextCraftEnv(), [], start
+    while len(seeds) < n:
+        try:
+            expert_turns(sample_episode(s, tree=env.tree), random.Random(s), env)
+            seeds.append(s)
+        except UncraftableGoal:
+            pass
+        s += 1
+    return seeds
+
+
+def test_expert_policy_solves_every_episode_in_batched_rollouts():
+    seeds = _solvable_seeds(6)
+    policy = ExpertPolicy(seeds)
+    pool = EnvPool({"textcraft": TextCraftEnv})
+    results = list(run_episodes([EpisodeTask("textcraft", s) for s in seeds], pool, policy, batch_size=4, max_turns=30))
+    assert len(results) == 6
+    assert all(r.success and r.end == "done" and r.score == 1.0 for r in results), [(r.episode, r.end) for r in results]
+    assert max(policy.batches) == 4  # episodes really were in flight together
+    r = results[0]
+    # the conversation has the training data's shape: instruction, ack, first observation, then step/observation
+    assert [m["role"] for m in r.messages[:4]] == ["user", "assistant", "user", "assistant"]
+    assert r.messages[1]["content"] == TextCraftEnv.ack
+    assert r.messages[-1]["role"] == "user" and "Crafted" in r.messages[-1]["content"]
+    assert r.turns == sum(m["role"] == "assistant" for m in r.messages) - 1
+    assert len(pool.all) == 0  # the task's envs were closed after its last episode
+
+
+def test_turn_cap_and_failed_episodes():
+    seeds = _solvable_seeds(2)
+    policy = ExpertPolicy(seeds, break_after=1)
+    pool = EnvPool({"textcraft": lambda: TextCraftEnv(max_steps=50)})
+    results = list(run_episodes([EpisodeTask("textcraft", s) for s in seeds], pool, policy, batch_size=8, max_turns=3))
+    assert [(r.success, r.end, r.turns) for r in results] == [(False, "max_turns", 3)] * 2
+    # the env's own step cap counts as a turn limit, not as a verdict of the game
+    pool = EnvPool({"textcraft": lambda: TextCraftEnv(max_steps=2)})
+    results = list(run_episodes([EpisodeTask("textcraft", seeds[0])], pool, policy, max_turns=30))
+    assert (results[0].success, results[0].end, results[0].turns) == (False, "max_turns", 2)
+
+
+class BrokenEnv(Env):
+    name = "broken"
+
+    def instruction(self):
+        return "Play."
+
+    def reset(self, episode):
+        if episode == 1:
+            raise RuntimeError("no such level")
+        return "start"
+
+    def step(self, action):
+        if action == "explode":
+            raise ValueError("boom")
+        return StepResult("ok", 0.0, False, False, {"score": 0.25})
+
+
+class EchoPolicy:
+    name = "echo"
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def generate(self, conversations):
+        return [self.replies(c) for c in conversations]
+
+    def describe(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_env_errors_and_missing_replies_end_only_their_episode():
+    def replies(conv):
+        if conv[2]["content"] != "start":
+            return "?"
+        return "Thought:\nx\n\nAction:\nexplode" if len(conv) > 3 else "no action marker here"
+
+    pool = EnvPool({"b": BrokenEnv, "c": BrokenEnv})
+    tasks = [EpisodeTask("b", 0), EpisodeTask("b", 1), EpisodeTask("c", 2)]
+    results = {(r.task, r.episode): r for r in run_episodes(tasks, pool, EchoPolicy(replies), max_turns=10)}
+    assert results[("b", "1")].end == "env_error" and "no such level" in results[("b", "1")].error
+    r = results[("b", "0")]
+    assert r.end == "env_error" and "boom" in r.error and r.turns == 2
+    assert r.invalid_actions == 1  # the first reply had no Action: and went to the env as its last line
+    assert r.score == 0.25
+    results = list(run_episodes([EpisodeTask("b", 0)], EnvPool({"b": BrokenEnv}),
+                                EchoPolicy(lambda c: NoReply("no_reply", "server down")), max_turns=10))
+    assert (results[0].end, results[0].error, results[0].turns) == ("no_reply", "server down", 0)
+
+
+def test_summary_is_the_papers_table_layout():
+    recs = [
+        {"task": "tc", "success": True, "score": 1.0, "reward": 1.0, "turns": 3, "end": "done", "invalid_actions": 0},
+        {"task": "tc", "success": False, "score": 0.0, "reward": 0.0, "turns": 9, "end": "max_turns", "invalid_actions": 2},
+        {"task": "sw", "success": False, "score": 0.5, "reward": 0.5, "turns": 9, "end": "max_turns", "invalid_actions": 0},
+        {"task": "alf", "success": True, "score": 1.0, "reward": 1.0, "turns": 5, "end": "done", "invalid_actions": 0},
+    ]
+    tasks = [TaskInfo("tc", "textcraft", "held_in", "success", 2), TaskInfo("sw", "sciworld", "held_in", "score", 1),
+             TaskInfo("alf", "alfworld", "held_out", "success", 1), TaskInfo("bb", "babyai", "held_out", "success", 3)]
+    s = summarize(recs, tasks)
+    assert s["tasks"]["tc"]["value"] == 50.0 and s["tasks"]["tc"]["ends"] == {"done": 1, "max_turns": 1}
+    assert s["tasks"]["sw"]["value"] == 50.0  # ScienceWorld reports its score, not success
+    assert s["splits"]["held_in"]["average"] == 50.0
+    # an env with no finished episode makes the split average unknown, never a made-up 0
+    assert s["tasks"]["bb"]["value"] is None and s["splits"]["held_out"]["average"] is None
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+
+@pytest.fixture(scope="module")
+def base_policy(smollm2_dir):
+    ctx = PolicyContext(
+        model_cfg={"name": "smollm2_135m", "name_or_path": str(Path(smollm2_dir)), "gguf_file": None},
+        run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE),
+    )
+    return HFPolicy(context=ctx, model="base", max_new_tokens=24, batch_size=8)
+
+
+def test_hf_policy_batched_replies_equal_one_at_a_time(base_policy):
+    env = TextCraftEnv()
+    convs = []
+    for s in (1, 2, 3):
+        convs.append([{"role": "user", "content": env.instruction()}, {"role": "assistant", "content": env.ack},
+                      {"role": "user", "content": env.reset(s)}])
+    convs.append(convs[0][:1])  # a much shorter prompt in the same batch: left padding must not change it
+    batched = base_policy.generate(convs)
+    single = [base_policy.generate([c])[0] for c in convs]
+    assert batched == single
+    assert all(isinstance(r, str) and r for r in batched)
+    assert base_policy.stats["completion_tokens"] > 0
+
+
+def test_hf_policy_context_limit(smollm2_dir):
+    ctx = PolicyContext(model_cfg={"name": "s", "name_or_path": str(smollm2_dir), "gguf_file": None},
+                        run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE))
+    policy = HFPolicy(context=ctx, model="base", max_new_tokens=16, max_context=64)
+    long = [{"role": "user", "content": "word " * 200}]
+    short = [{"role": "user", "content": "hi"}]
+    out = policy.generate([long, short])
+    assert isinstance(out[0], NoReply) and out[0].reason == "context_limit"
+    assert isinstance(out[1], str)
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def _eval_args(rd: Path, *extra: str) -> list[str]:
+    """A small evaluation of the base model (2 episodes x 2 turns per task); `extra` overrides replace these."""
+    base = [f"run_dir={rd}", "stage=eval", "policy.model=base", "logger=none", "policy.max_new_tokens=48",
+            "eval.tasks.textcraft.max_turns=2", "eval.tasks.babyai.max_turns=2",
+            "eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2"]
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
+
+
+def test_eval_stage_writes_results_and_resumes(tmp_path):
+    rd = tmp_path / "run"
+    p = app(*_eval_args(rd))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((rd / "results.json").read_text())
+    assert set(res["tasks"]) == {"textcraft", "babyai"}
+    for name in ("textcraft", "babyai"):
+        t = res["tasks"][name]
+        assert t["n"] == t["n_planned"] == 2 and t["split"] == "held_in" and 0.0 <= t["value"] <= 100.0
+    assert res["splits"]["held_in"]["average"] == pytest.approx(
+        (res["tasks"]["textcraft"]["value"] + res["tasks"]["babyai"]["value"]) / 2)
+    assert res["policy"]["model"] == "base"
+    lines = (rd / "eval" / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    ep = json.loads(lines[0])
+    assert ep["messages"][0]["role"] == "user" and ep["end"] in ("done", "max_turns", "context_limit")
+
+    # a rerun with the same config plays nothing
+    p = app(*_eval_args(rd))
+    assert p.returncode == 0 and "already played" in p.stdout + p.stderr
+    assert len((rd / "eval" / "episodes.jsonl").read_text().splitlines()) == 4
+
+    # a crash mid-evaluation: one episode and a torn line lost; the rerun plays exactly the missing one
+    (rd / "eval" / "episodes.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    p = app(*_eval_args(rd))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 episode(s) to play (3 already" in p.stdout + p.stderr
+    assert len((rd / "eval" / "episodes.jsonl").read_text().splitlines()) == 4
+
+    # another config of one task replays that task only
+    p = app(*_eval_args(rd, "eval.tasks.babyai.max_turns=1"))
+    assert p.returncode == 0 and "2 episode(s) to play (2 already" in p.stdout + p.stderr
+    res = json.loads((rd / "results.json").read_text())
+    assert all(json.loads(x)["turns"] <= 1 for x in (rd / "eval" / "episodes.jsonl").read_text().splitlines()
+               if json.loads(x)["task"] == "babyai")
+    assert res["tasks"]["babyai"]["n"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("eval.tasks.babyai.split=held_sideways", "eval.tasks.babyai.split='held_sideways'"),
+        ("eval.tasks.babyai.metric=vibes", "eval.tasks.babyai.metric='vibes'"),
+        ("eval.tasks.babyai.episodes.count=-1", "eval.tasks.babyai.episodes: count must be >= 0"),
+        ("eval.tasks.textcraft.env._target_=builtins.dict", "is not an atlas_exp Env"),
+        ("policy.model=run", "no trained model in"),
+    ],
+)
+def test_eval_config_errors_name_the_option(tmp_path, override, expected):
+    p = app(*_eval_args(tmp_path / "r", override))
+    assert p.returncode == 2
+    assert expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_episode_specs():
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.eval.stage import _episodes
+
+    assert _episodes("t", {"start": 10, "count": 3, "step": 5}) == [10, 15, 20]
+    assert _episodes("t", ["sciworld_1", 7]) == ["sciworld_1", 7]
+    assert _episodes("t", {"_target_": "builtins.range", "_args_": [3]}) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"eval.tasks.t.episodes: the episode list has duplicates"):
+        _episodes("t", [1, 1])
+    with pytest.raises(ConfigError, match=r"eval.tasks.t.episodes must be"):
+        _episodes("t", {"first": 1})
