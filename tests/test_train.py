@@ -55,6 +55,8 @@ def run_app(run_dir: Path, *overrides: str, data: Path, n: int = 8, check: bool 
         f"data.path={data}",
         f"data.max_per_env={n}",
         *FAST,
+        # the eval stage is tested in test_eval.py and once end to end below; here it would only cost time
+        *([] if any(o.startswith(("eval", "policy")) for o in overrides) else ["eval=none"]),
         *overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(extra_env or {})}
@@ -92,7 +94,11 @@ def assert_labels_cover_only_selected_steps(run_dir: Path, tokenizer) -> None:
 
 def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, short_textcraft, smollm2_tokenizer, smollm2_dir):
     rd = tmp_path / "run"
-    run_app(rd, "train.max_steps=12", "logger=wandb", data=short_textcraft)
+    run_app(rd, "train.max_steps=12", "logger=wandb",
+            # stage=all ends with the eval stage: the trained adapter as the agent, a few short episodes
+            "eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=1",
+            "eval.tasks.textcraft.max_turns=2", "eval.tasks.babyai.max_turns=2", "policy.max_new_tokens=32",
+            data=short_textcraft)
     for name in ("trajectories.jsonl", "selection.jsonl", "selection_summary.json", "data_summary.json", ".hydra/config.yaml"):
         assert (rd / name).exists(), name
     s = summary(rd)
@@ -103,10 +109,16 @@ def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, shor
     assert_labels_cover_only_selected_steps(rd, smollm2_tokenizer)
     # W&B offline run with our stats on it
     runs = list((rd / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, list((rd / "logs").rglob("*"))[:20]
-    record = runs[0].read_bytes()
+    record = b"".join(r.read_bytes() for r in runs)
     for key in (b"data/supervised_share", b"selection/achieved_ratio", b"train/steps_run", b"loss"):
         assert key in record, key
+    res = json.loads((rd / "results.json").read_text())
+    assert res["policy"]["adapter"] == str(rd / "model") and res["policy"]["model"] == "run"
+    assert res["tasks"]["textcraft"]["n"] == 2 and res["tasks"]["babyai"]["n"] == 1
+    assert res["selection"]["selector"] == "random" and res["training"]["global_step"] == 12
+    assert res["model"]["trained"]  # the eval is tied to these trained weights
+    eval_runs = list((rd / "logs" / "wandb").glob("offline-run-*"))
+    assert len(eval_runs) == 2  # the training run and the eval run
 
     from peft import AutoPeftModelForCausalLM
 
