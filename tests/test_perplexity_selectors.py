@@ -94,7 +94,7 @@ def trajs(agenttraj_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def delta(smollm2_spec, smollm2_dir):
-    sel = PerplexitySelector(ratio=0.5, model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False)
+    sel = PerplexitySelector(ratio=0.5, model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False, score_cache=False)
     yield sel
     sel.close()
 
@@ -155,7 +155,7 @@ def test_selects_the_top_ratio_per_trajectory_with_finite_scores(delta, delta_ou
 def test_batching_and_global_scope(delta, delta_out, trajs, smollm2_spec):
     # one sequence per forward pass gives the scores of the batched run (and so the same choice)
     sel = PerplexitySelector(
-        ratio=0.7, scope="global", model=smollm2_spec, cache_dir=str(TEST_CACHE), batch_size=1, progress=False
+        ratio=0.7, scope="global", model=smollm2_spec, cache_dir=str(TEST_CACHE), batch_size=1, progress=False, score_cache=False
     )
     try:
         out = list(sel.select(trajs))
@@ -188,7 +188,7 @@ def test_global_rule_when_there_are_more_trajectories_than_slots():
 
 def test_long_trajectories_are_scored_in_windows_of_the_shortened_conversation(agenttraj_dir, tmp_path, smollm2_spec):
     (t,) = as_trajectories(tmp_path, trimmed_records(agenttraj_dir / "textcraft.jsonl", 1, 3))
-    probe = PerplexitySelector(ratio=0.5, metric="loss", model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False)
+    probe = PerplexitySelector(ratio=0.5, metric="loss", model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False, score_cache=False)
     probe.load()
     try:
         tok, model = probe.tokenizer, probe.model
@@ -196,7 +196,7 @@ def test_long_trajectories_are_scored_in_windows_of_the_shortened_conversation(a
         b1 = tt.step_spans[1][1]
         assert tt.step_spans[2][1] > b1 + 2
         sel = PerplexitySelector(
-            ratio=0.5, metric="loss", max_length=b1 + 2, model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False
+            ratio=0.5, metric="loss", max_length=b1 + 2, model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False, score_cache=False
         )
         try:
             (out,) = list(sel.select([t]))
@@ -309,3 +309,28 @@ def test_templates_that_refuse_a_leading_assistant_turn_need_alone_prompt(smollm
             ids, (a, b), cut = sel._alone("Thought:\nx\n\nAction:\ninventory")
             assert not cut and tok.decode(ids[a:b]) == "Thought:\nx\n\nAction:\ninventory<|im_end|>"
             assert tok.decode(ids[:a]) == "<|im_start|>user\nContinue.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_scores_are_cached_across_ratios(trajs, smollm2_spec, tmp_path, delta_out):
+    """A sweep over ratios scores each trajectory once: the second ratio reads the scores from the cache and
+    chooses exactly what a fresh computation at that ratio chooses."""
+    cache = str(tmp_path / "cache")
+    (Path(cache) / "gguf").parent.mkdir(parents=True, exist_ok=True)
+    (Path(cache) / "gguf").symlink_to((TEST_CACHE / "gguf").resolve())  # the converted model, not scores
+    first = PerplexitySelector(ratio=0.3, model=smollm2_spec, cache_dir=cache, progress=False)
+    try:
+        a = list(first.select(trajs))
+    finally:
+        first.close()
+    assert first.stats() == {"trajectories_scored": len(trajs), "score_cache_hits": 0}
+    second = PerplexitySelector(ratio=0.5, model=smollm2_spec, cache_dir=cache, progress=False)
+    try:
+        b = list(second.select(trajs))
+        assert second.model is None  # the scoring model was never loaded
+    finally:
+        second.close()
+    assert second.stats() == {"trajectories_scored": 0, "score_cache_hits": len(trajs)}
+    for x, y, fresh in zip(a, b, delta_out):  # delta_out: ratio 0.5, computed without the cache
+        assert [s.score for s in x.steps] == [s.score for s in y.steps]
+        assert y.selected_steps == fresh.selected_steps
+        assert y.meta == fresh.meta or y.meta["loss_cond"] == pytest.approx(fresh.meta["loss_cond"], abs=1e-6)

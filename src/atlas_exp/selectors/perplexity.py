@@ -87,8 +87,10 @@ import math
 import os
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from atlas_exp.artifacts import fingerprint
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import AtlasError, ConfigError, TemplateError
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
@@ -423,6 +425,7 @@ class PerplexitySelector(Selector):
         alone_prompt: str | None = None,
         chunk_size: int = 256,
         progress: bool = True,
+        score_cache: bool = True,
     ):
         super().__init__(ratio=ratio, seed=seed)
         if metric not in METRICS:
@@ -456,6 +459,10 @@ class PerplexitySelector(Selector):
         self.max_length: int | None = self._max_length
         self._alone_tok: dict[str, tuple[list[int], tuple[int, int], bool]] = {}
         self._alone_loss: dict[str, float] = {}
+        self._score_cache: Any = None
+        self._use_score_cache = bool(score_cache)
+        self.cache_hits = 0
+        self.scored = 0
 
     # ---- resources
 
@@ -482,6 +489,12 @@ class PerplexitySelector(Selector):
         self.model = self.tokenizer = self.scorer = None
         self._alone_tok.clear()
         self._alone_loss.clear()
+        if self._score_cache is not None:
+            self._score_cache.close()
+            self._score_cache = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"trajectories_scored": self.scored, "score_cache_hits": self.cache_hits}
 
     # ---- sequences
 
@@ -580,8 +593,49 @@ class PerplexitySelector(Selector):
 
     # ---- scoring
 
+    def _cache_key(self, traj: Trajectory) -> str:
+        """Everything a step's score depends on; not the ratio, seed or scope, which only choose among scores."""
+        spec = self.spec
+        return fingerprint(
+            "step-scores", 1, self.metric, spec.name, spec.name_or_path, spec.gguf_file, spec.revision,
+            spec.chat_template, self._max_length, self.alone_prompt, str(self.dtype),
+            [(m.role, m.content, m.step) for m in traj.messages],
+        )
+
     def score_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
+        """Scores, meta and per-step reasons of each trajectory of `trajs`.
+
+        Scores do not depend on the ratio, so they are kept on disk (`<cache_dir>/step_scores/<name>.jsonl`,
+        keyed by model, metric and trajectory content; `selector.score_cache=false` turns it off): a sweep
+        over ratios, seeds or the non-critical complement scores each trajectory once, and a crashed
+        selection resumes where it stopped.
+        """
+        if not self._use_score_cache:
+            return self._compute_chunk(trajs, offset)
+        if self._score_cache is None:
+            from atlas_exp.selectors.llm_client import ReplyCache
+
+            self._score_cache = ReplyCache(Path(self.cache_dir) / "step_scores" / f"{self.name}.jsonl")
+        keys = [self._cache_key(t) for t in trajs]
+        out: list[Any] = [None] * len(trajs)
+        missing = []
+        for i, k in enumerate(keys):
+            rec = self._score_cache.get(k)
+            if rec is not None and len(rec["scores"]) == trajs[i].n_steps:
+                out[i] = (rec["scores"], rec["meta"], rec["reasons"])
+                self.cache_hits += 1
+            else:
+                missing.append(i)
+        if missing:
+            computed = self._compute_chunk([trajs[i] for i in missing], offset)
+            for i, sc in zip(missing, computed):
+                out[i] = sc
+                self._score_cache.put(keys[i], {"scores": sc[0], "meta": sc[1], "reasons": sc[2]})
+        return out
+
+    def _compute_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
         """Scores, meta and per-step reasons of each trajectory of `trajs` (one batched computation)."""
+        self.scored += len(trajs)
         self.load()
         assert self.scorer is not None
         plans: list[_Plan] = []
