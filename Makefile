@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup run test test-fast lint clean help
+.PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu report
 
 help:
 	@echo "make run [ARGS='selector=random ratio=0.3']  set up .venv (once) and run data -> select -> train"
 	@echo "make test                                     run the whole test suite (as CI does)"
 	@echo "make test-fast                                tests without the slow multi-process ones"
 	@echo "make setup                                    create .venv and install the project"
+	@echo "make ablation-plan                            print the paper-size ablation grid and what is done"
+	@echo "make ablation                                 run it (GPU machine; without a GPU only the plan is printed)"
+	@echo "make ablation-cpu                             the cpu_small ablation on this machine, then its report"
+	@echo "make report SWEEP=outputs/<exp>/sweep         report.md / report.csv / plots of a sweep"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +36,33 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# the paper-size ablation: the selector x ratio grid, then the all-steps row, in one sweep dir
+ABLATION := experiment=ablation_ratio
+ablation-plan: setup
+	$(PY) -m atlas_exp.plan $(ABLATION) $(ARGS)
+	$(PY) -m atlas_exp.plan $(ABLATION) selector=all ratio=1.0 $(ARGS)
+
+ablation: ablation-plan
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m atlas_exp $(ABLATION) $(ARGS) && \
+		$(PY) -m atlas_exp $(ABLATION) selector=all ratio=1.0 $(ARGS) && \
+		$(PY) -m atlas_exp.report outputs/ablation_ratio/sweep; \
+	else \
+		echo "no GPU here: not launching. The plan above is what 'make ablation' runs on a GPU machine"; \
+		echo "(or on a Slurm cluster: make ablation ARGS='hydra/launcher=slurm_gpu'); 'make ablation-cpu' runs on a CPU."; \
+	fi
+
+# the same question at laptop size (experiment=cpu_small); rerunning skips the finished runs
+ablation-cpu: setup
+	$(PY) -m atlas_exp.plan experiment=cpu_small $(ARGS)
+	$(PY) -m atlas_exp experiment=cpu_small $(ARGS)
+	$(PY) -m atlas_exp experiment=cpu_small selector=all ratio=1.0 $(ARGS)
+	$(PY) -m atlas_exp.report outputs/cpu_small/sweep
+
+SWEEP ?= outputs/cpu_small/sweep
+report: setup
+	$(PY) -m atlas_exp.report $(SWEEP)
 
 lint: setup
 	$(PY) -m pip install -q ruff

@@ -227,10 +227,11 @@ def test_eval_stage_writes_results_and_resumes(tmp_path):
     ep = json.loads(lines[0])
     assert ep["messages"][0]["role"] == "user" and ep["end"] in ("done", "max_turns", "context_limit")
 
-    # a rerun with the same config plays nothing
+    # a rerun with the same config does nothing: not even the results are rewritten
+    before = {f: f.stat().st_mtime_ns for f in (rd / "results.json", rd / "eval" / "episodes.jsonl")}
     p = app(*_eval_args(rd))
-    assert p.returncode == 0 and "already played" in p.stdout + p.stderr
-    assert len((rd / "eval" / "episodes.jsonl").read_text().splitlines()) == 4
+    assert p.returncode == 0 and "is up to date, skipping" in p.stdout + p.stderr
+    assert before == {f: f.stat().st_mtime_ns for f in before}
 
     # a crash mid-evaluation: one episode and a torn line lost; the rerun plays exactly the missing one
     (rd / "eval" / "episodes.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])

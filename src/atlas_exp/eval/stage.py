@@ -27,7 +27,14 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from atlas_exp.artifacts import SCHEMA_VERSION, file_fingerprint, fingerprint, write_json, write_jsonl
+from atlas_exp.artifacts import (
+    SCHEMA_VERSION,
+    file_fingerprint,
+    fingerprint,
+    summary_matches,
+    write_json,
+    write_jsonl,
+)
 from atlas_exp.config import build
 from atlas_exp.envs.base import Env
 from atlas_exp.errors import ConfigError
@@ -199,11 +206,14 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
     fps = {t.name: fingerprint("eval", SCHEMA_VERSION, model_fp, t.env_cfg, t.max_turns) for t in tasks}
     planned = {t.name: {str(e) for e in t.episodes} for t in tasks}
     run_fp = fingerprint("eval-run", sorted(fps.items()), sorted((k, sorted(v)) for k, v in planned.items()))
-    rd.eval_dir.mkdir(parents=True, exist_ok=True)
-
+    n_planned = sum(len(v) for v in planned.values())
     if cfg.force and rd.eval_episodes.exists():
         os.replace(rd.eval_episodes, rd.eval_episodes.with_suffix(f".jsonl.{int(time.time())}.bak"))
     done = _load_done(rd.eval_episodes, fps, planned)
+    if summary_matches(rd.results, run_fp, rd.eval_episodes) and len(done) == n_planned:
+        log.info("eval: %s is up to date, skipping", rd.results)
+        return
+    rd.eval_dir.mkdir(parents=True, exist_ok=True)
     # rewrite the log with only this config's episodes, then append to it
     write_jsonl(rd.eval_episodes, done)
     done_keys = {(r["task"], r["episode"]) for r in done}
