@@ -136,12 +136,37 @@ def test_env_errors_and_missing_replies_end_only_their_episode():
     results = {(r.task, r.episode): r for r in run_episodes(tasks, pool, EchoPolicy(replies), max_turns=10)}
     assert results[("b", "1")].end == "env_error" and "no such level" in results[("b", "1")].error
     r = results[("b", "0")]
-    assert r.end == "env_error" and "boom" in r.error and r.turns == 2
+    # failed, retried once from the start on a fresh env, failed again: recorded with the error
+    assert r.end == "env_error" and "boom" in r.error and r.turns == 2 and r.attempts == 2
     assert r.invalid_actions == 1  # the first reply had no Action: and went to the env as its last line
     assert r.score == 0.25
     results = list(run_episodes([EpisodeTask("b", 0)], EnvPool({"b": BrokenEnv}),
                                 EchoPolicy(lambda c: NoReply("no_reply", "server down")), max_turns=10))
     assert (results[0].end, results[0].error, results[0].turns) == ("no_reply", "server down", 0)
+
+
+class FlakyEnv(BrokenEnv):
+    """Its first instance dies on the first step (a crashed JVM); instances made after that work."""
+
+    made = 0
+
+    def __init__(self):
+        FlakyEnv.made += 1
+        self.first = FlakyEnv.made == 1
+
+    def step(self, action):
+        if self.first:
+            raise ConnectionError("the JVM went away")
+        return StepResult("done", 1.0, True, True)
+
+
+def test_a_crashed_env_is_replaced_and_the_episode_retried_once():
+    pool = EnvPool({"f": FlakyEnv})
+    (r,) = run_episodes([EpisodeTask("f", 0)], pool, EchoPolicy(lambda c: "Thought:\nx\n\nAction:\ngo"), max_turns=5)
+    assert (r.success, r.end, r.attempts, r.turns) == (True, "done", 2, 1)
+    assert FlakyEnv.made == 2
+    # the transcript is the retried episode's, not a mix of both attempts
+    assert [m["role"] for m in r.messages] == ["user", "assistant", "user", "assistant", "user"]
 
 
 def test_summary_is_the_papers_table_layout():
@@ -204,8 +229,9 @@ def test_hf_policy_context_limit(smollm2_dir):
 def _eval_args(rd: Path, *extra: str) -> list[str]:
     """A small evaluation of the base model (2 episodes x 2 turns per task); `extra` overrides replace these."""
     base = [f"run_dir={rd}", "stage=eval", "policy.model=base", "logger=none", "policy.max_new_tokens=48",
-            "eval.tasks.textcraft.max_turns=2", "eval.tasks.babyai.max_turns=2",
-            "eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2"]
+            "eval.tasks.textcraft.max_turns=2", "eval.tasks.babyai.max_turns=2", "eval.tasks.sciworld.max_turns=2",
+            "eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2",
+            "eval.tasks.sciworld.episodes.per_task=1", "eval.tasks.sciworld.episodes.limit=1"]
     keys = {e.split("=", 1)[0] for e in extra}
     return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
 
@@ -214,39 +240,41 @@ def test_eval_stage_writes_results_and_resumes(tmp_path):
     rd = tmp_path / "run"
     p = app(*_eval_args(rd))
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((rd / "results.json").read_text())
-    assert set(res["tasks"]) == {"textcraft", "babyai"}
+    res = json.loads((rd / "eval" / "results.json").read_text())
+    assert set(res["tasks"]) == {"textcraft", "babyai", "sciworld"}
     for name in ("textcraft", "babyai"):
         t = res["tasks"][name]
         assert t["n"] == t["n_planned"] == 2 and t["split"] == "held_in" and 0.0 <= t["value"] <= 100.0
-    assert res["splits"]["held_in"]["average"] == pytest.approx(
-        (res["tasks"]["textcraft"]["value"] + res["tasks"]["babyai"]["value"]) / 2)
+    assert res["tasks"]["sciworld"]["metric"] == "score" and res["tasks"]["sciworld"]["n"] == 1
+    values = [t["value"] for t in res["tasks"].values()]
+    assert res["splits"]["held_in"]["average"] == pytest.approx(sum(values) / 3)
     assert res["policy"]["model"] == "base"
-    lines = (rd / "eval" / "episodes.jsonl").read_text().splitlines()
-    assert len(lines) == 4
-    ep = json.loads(lines[0])
+    files = sorted((rd / "eval").glob("*/*.json"))
+    assert [f.relative_to(rd / "eval").as_posix() for f in files] == [
+        "babyai/20000.json", "babyai/20001.json", "sciworld/21.json", "textcraft/100000.json", "textcraft/100001.json"]
+    ep = json.loads(files[0].read_text())
     assert ep["messages"][0]["role"] == "user" and ep["end"] in ("done", "max_turns", "context_limit")
+    assert ep["attempts"] == 1 and ep["fingerprint"]
 
     # a rerun with the same config does nothing: not even the results are rewritten
-    before = {f: f.stat().st_mtime_ns for f in (rd / "results.json", rd / "eval" / "episodes.jsonl")}
+    before = {f: f.stat().st_mtime_ns for f in (rd / "eval").rglob("*.json")}
     p = app(*_eval_args(rd))
     assert p.returncode == 0 and "is up to date, skipping" in p.stdout + p.stderr
     assert before == {f: f.stat().st_mtime_ns for f in before}
 
-    # a crash mid-evaluation: one episode and a torn line lost; the rerun plays exactly the missing one
-    (rd / "eval" / "episodes.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    # killed mid-evaluation: one episode had not ended; the rerun plays exactly that one
+    (rd / "eval" / "textcraft" / "100001.json").unlink()
     p = app(*_eval_args(rd))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "1 episode(s) to play (3 already" in p.stdout + p.stderr
-    assert len((rd / "eval" / "episodes.jsonl").read_text().splitlines()) == 4
+    assert "1 episode(s) to play (4 already" in p.stdout + p.stderr
+    assert (rd / "eval" / "textcraft" / "100001.json").exists()
+    assert before[rd / "eval" / "babyai" / "20000.json"] == (rd / "eval" / "babyai" / "20000.json").stat().st_mtime_ns
 
     # another config of one task replays that task only
     p = app(*_eval_args(rd, "eval.tasks.babyai.max_turns=1"))
-    assert p.returncode == 0 and "2 episode(s) to play (2 already" in p.stdout + p.stderr
-    res = json.loads((rd / "results.json").read_text())
-    assert all(json.loads(x)["turns"] <= 1 for x in (rd / "eval" / "episodes.jsonl").read_text().splitlines()
-               if json.loads(x)["task"] == "babyai")
-    assert res["tasks"]["babyai"]["n"] == 2
+    assert p.returncode == 0 and "2 episode(s) to play (3 already" in p.stdout + p.stderr
+    res = json.loads((rd / "eval" / "results.json").read_text())
+    assert res["tasks"]["babyai"]["n"] == 2 and res["tasks"]["babyai"]["mean_turns"] <= 1
 
 
 @pytest.mark.parametrize(

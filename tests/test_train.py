@@ -98,6 +98,7 @@ def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, shor
             # stage=all ends with the eval stage: the trained adapter as the agent, a few short episodes
             "eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=1",
             "eval.tasks.textcraft.max_turns=2", "eval.tasks.babyai.max_turns=2", "policy.max_new_tokens=32",
+            "eval.tasks.sciworld.episodes.limit=1", "eval.tasks.sciworld.max_turns=1",
             data=short_textcraft)
     for name in ("trajectories.jsonl", "selection.jsonl", "selection_summary.json", "data_summary.json", ".hydra/config.yaml"):
         assert (rd / name).exists(), name
@@ -112,9 +113,9 @@ def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, shor
     record = b"".join(r.read_bytes() for r in runs)
     for key in (b"data/supervised_share", b"selection/achieved_ratio", b"train/steps_run", b"loss"):
         assert key in record, key
-    res = json.loads((rd / "results.json").read_text())
+    res = json.loads((rd / "eval" / "results.json").read_text())
     assert res["policy"]["adapter"] == str(rd / "model") and res["policy"]["model"] == "run"
-    assert res["tasks"]["textcraft"]["n"] == 2 and res["tasks"]["babyai"]["n"] == 1
+    assert res["tasks"]["textcraft"]["n"] == 2 and res["tasks"]["babyai"]["n"] == 1 and res["tasks"]["sciworld"]["n"] == 1
     assert res["selection"]["selector"] == "random" and res["training"]["global_step"] == 12
     assert res["model"]["trained"]  # the eval is tied to these trained weights
     eval_runs = list((rd / "logs" / "wandb").glob("offline-run-*"))

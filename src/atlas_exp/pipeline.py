@@ -7,7 +7,9 @@ skipped), or run elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +19,17 @@ from omegaconf import DictConfig
 from atlas_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]")
+
+
+def safe_filename(name: str) -> str:
+    """`name` as a file name: other characters become `_`, plus a short hash when anything was replaced
+    (so two ids that differ only there do not collide)."""
+    clean = _UNSAFE.sub("_", name)[:150] or "_"
+    if clean != name:
+        clean += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return clean
 
 
 @dataclass(frozen=True)
@@ -65,15 +78,14 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
-    @property
-    def eval_episodes(self) -> Path:
-        """Every played episode, one JSON line each (the eval stage's resume log)."""
-        return self.root / "eval" / "episodes.jsonl"
+    def eval_episode(self, task: str, episode: str) -> Path:
+        """One played episode's transcript and outcome (what resuming an evaluation checks for)."""
+        return self.root / "eval" / task / f"{safe_filename(episode)}.json"
 
     @property
     def results(self) -> Path:
         """Per-task and held-in/held-out scores: what the sweep report collects."""
-        return self.root / "results.json"
+        return self.root / "eval" / "results.json"
 
     @property
     def train_config(self) -> Path:

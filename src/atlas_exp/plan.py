@@ -2,7 +2,7 @@
 
 A paper-size sweep costs GPU-days, so before starting one a researcher wants to see the grid: every run's
 directory, selector, ratio, seed, model, ranks and DeepSpeed stage, and which runs are already finished
-(their `results.json` exists: a relaunch skips them) or started (a trained model or checkpoints exist).
+(their `eval/results.json` exists: a relaunch skips them) or started (a trained model or checkpoints exist).
 This expands the sweep exactly as Hydra's basic sweeper would (the `hydra.sweeper.params` of the config
 plus comma-separated command-line overrides, as a cartesian product) and names each run's directory by
 Hydra's own rule (`hydra.sweep.dir` / sorted `key=value` overrides without the excluded keys). It reads
@@ -38,7 +38,7 @@ class PlannedRun:
 
     @property
     def status(self) -> str:
-        if (self.run_dir / "results.json").exists():
+        if (self.run_dir / "eval" / "results.json").exists():
             return "done"
         if (self.run_dir / "model" / "training_summary.json").exists() or (self.run_dir / "checkpoints").exists():
             return "started"

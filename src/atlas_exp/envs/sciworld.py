@@ -230,22 +230,25 @@ def item_space(split: str | None = None) -> tuple[SciWorldItem, ...]:
     return tuple(it for it in _ITEMS if it.split == split)
 
 
-def eval_items(split: str = "test", per_task: int = 10) -> list[int]:
+def eval_items(split: str = "test", per_task: int = 10, limit: int | None = None) -> list[int]:
     """Item indices for evaluation: the first `per_task` variations of each task in ScienceWorld's `split`.
 
     Every task is represented equally (the split's raw item list is dominated by the tasks with hundreds of
     variations), and the choice is fixed by the split alone, so runs and papers compare on the same items.
     `conf/eval/held_in.yaml` uses it; the test split never overlaps AgentTraj-L (train variations only).
+    `limit` keeps the first items of that list (one per task first, for a smoke test: `per_task=1`).
     """
     if per_task < 1:
         raise ConfigError(f"per_task must be >= 1, got {per_task}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1 or null, got {limit}")
     taken: dict[str, int] = {}
     out = []
     for it in item_space(split):
         if taken.get(it.task, 0) < per_task:
             taken[it.task] = taken.get(it.task, 0) + 1
             out.append(it.index)
-    return out
+    return out[:limit] if limit is not None else out
 
 
 def task_split(task: str, variation: int) -> str:

@@ -7,12 +7,15 @@ round, the replies of all of them come from one `policy.generate` call, which is
 (issue 6 measures it). Env steps run in this thread: they are cheap next to generation.
 
 An episode ends when the env says done, after `max_turns` replies, when its conversation no longer fits
-the model (`context_limit`), when the policy cannot reply, or when the env raises (`env_error`, with the
-message kept: one broken episode must not take a 200-episode evaluation down with it).
+the model (`context_limit`), when the policy cannot reply, or when the env raises. An env that raises (a
+ScienceWorld JVM that died, a game file that fails to load) is closed and replaced by a fresh one, and the
+episode is played again from the start, once (`env_retries`); a second failure is recorded as `env_error`
+with the message: one broken episode must not take a 200-episode evaluation down with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -58,6 +61,8 @@ class EpisodeResult:
     seconds: float
     messages: list[Message] = field(default_factory=list)
     error: str = ""
+    #: how many times the episode was started (2 after an env failure and its retry)
+    attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -69,6 +74,7 @@ class _Live:
     env: Env
     messages: list[Message]
     t0: float
+    attempt: int = 0
     turns: int = 0
     reward: float = 0.0
     score: float = 0.0
@@ -93,6 +99,14 @@ class EnvPool:
 
     def release(self, task: str, env: Env) -> None:
         self.free.setdefault(task, []).append(env)
+
+    def discard(self, task: str, env: Env) -> None:
+        """Close an env that failed and forget it; the next `acquire` builds a fresh one."""
+        with contextlib.suppress(Exception):
+            env.close()
+        envs = self.all.get(task, [])
+        if env in envs:
+            envs.remove(env)
 
     def close_task(self, task: str) -> None:
         for env in self.all.pop(task, []):
@@ -120,23 +134,36 @@ def run_episodes(
     *,
     batch_size: int = 16,
     max_turns: int | dict[str, int] = 30,
+    env_retries: int = 1,
 ) -> Iterator[EpisodeResult]:
     """Play every task's episode; yield each result as soon as its episode ends.
 
     Episodes start in the order given, so a task's envs are released (`pool.close_task`) as soon as its
     last episode is done and heavy envs (a JVM per ScienceWorld env) do not pile up across tasks.
     """
-    pending = deque(tasks)
+    pending: deque[tuple[EpisodeTask, int]] = deque((t, 0) for t in tasks)
     remaining: dict[str, int] = {}
-    for t in pending:
+    for t, _ in pending:
         remaining[t.task] = remaining.get(t.task, 0) + 1
     live: list[_Live] = []
 
     def turn_cap(task: str) -> int:
         return int(max_turns[task]) if isinstance(max_turns, dict) else int(max_turns)
 
-    def finish(ep: _Live, end: str, success: bool = False, error: str = "") -> EpisodeResult:
-        pool.release(ep.task.task, ep.env)
+    def failed(ep: _Live, error: str) -> EpisodeResult | None:
+        """An env error: retry the episode on a fresh env, or give up and record it."""
+        if ep.attempt < env_retries:
+            log.warning("eval: %s episode %s: %s; retrying on a fresh env", ep.task.task, ep.task.episode_id, error)
+            pool.discard(ep.task.task, ep.env)
+            pending.appendleft((ep.task, ep.attempt + 1))
+            return None
+        return finish(ep, "env_error", error=error, discard=True)
+
+    def finish(ep: _Live, end: str, success: bool = False, error: str = "", discard: bool = False) -> EpisodeResult:
+        if discard:
+            pool.discard(ep.task.task, ep.env)
+        else:
+            pool.release(ep.task.task, ep.env)
         remaining[ep.task.task] -= 1
         if remaining[ep.task.task] == 0:
             pool.close_task(ep.task.task)
@@ -144,17 +171,20 @@ def run_episodes(
             task=ep.task.task, env=ep.env.name, episode=ep.task.episode_id, success=success,
             score=1.0 if success else min(max(ep.score, 0.0), 1.0), reward=ep.reward, turns=ep.turns, end=end,
             invalid_actions=ep.invalid, seconds=round(time.time() - ep.t0, 3), messages=ep.messages, error=error,
+            attempts=ep.attempt + 1,
         )
 
     while pending or live:
         while pending and len(live) < batch_size:
-            t = pending.popleft()
+            t, attempt = pending.popleft()
             env = pool.acquire(t.task)
-            ep = _Live(task=t, env=env, messages=[], t0=time.time())
+            ep = _Live(task=t, env=env, messages=[], t0=time.time(), attempt=attempt)
             try:
                 first = env.reset(t.episode)
             except Exception as e:
-                yield finish(ep, "env_error", error=f"reset: {type(e).__name__}: {e}")
+                res = failed(ep, f"reset: {type(e).__name__}: {e}")
+                if res is not None:
+                    yield res
                 continue
             ep.messages = [
                 {"role": "user", "content": env.instruction()},
@@ -179,7 +209,9 @@ def run_episodes(
             try:
                 res = ep.env.step(action)
             except Exception as e:
-                yield finish(ep, "env_error", error=f"step {action!r}: {type(e).__name__}: {e}")
+                failure = failed(ep, f"step {action!r}: {type(e).__name__}: {e}")
+                if failure is not None:
+                    yield failure
                 continue
             ep.reward += float(res.reward)
             if "score" in res.info:

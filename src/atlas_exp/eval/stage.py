@@ -1,13 +1,13 @@
 """The eval stage: the run's model (or any model/endpoint) as a ReAct agent in real envs -> results.json.
 
 Artifacts in the run dir:
-- `eval/episodes.jsonl`: one line per finished episode (the whole conversation, how it ended, success and
-  score), appended and fsynced as each episode ends. It is the stage's resume log: a crashed or
-  interrupted evaluation restarted in the same run dir replays only the episodes that are missing. Each
-  line carries the fingerprint of its task (env config, policy, model); lines of another fingerprint are
-  dropped when the stage starts, so changing one task's config reruns only that task.
-- `results.json`: per task (value in percent as the paper reports it, n, ends, invalid actions) and the
-  held-in / held-out averages; what `python -m atlas_exp.report` collects across a sweep.
+- `eval/<task>/<episode>.json`: one file per finished episode (the whole conversation, how it ended,
+  success and score, attempts), written atomically as each episode ends. They are the stage's resume
+  state: a crashed or interrupted evaluation restarted in the same run dir plays only the episodes whose
+  file is missing. Each carries the fingerprint of its task (env config, policy, model); a file of another
+  fingerprint is played again, so changing one task's config reruns only that task.
+- `eval/results.json`: per task (value in percent as the paper reports it, n, ends, invalid actions) and
+  the held-in / held-out averages; what `python -m atlas_exp.report` collects across a sweep.
 
 Tasks come from `cfg.eval.tasks` (see `conf/eval/`): each names an env (`_target_`), its split (held_in |
 held_out), its headline metric (success | score) and its episodes (`{start, count}`, a list, or a
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from atlas_exp.artifacts import (
     fingerprint,
     summary_matches,
     write_json,
-    write_jsonl,
 )
 from atlas_exp.config import build
 from atlas_exp.envs.base import Env
@@ -131,35 +129,30 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     return out
 
 
-def _load_done(path: Path, fps: dict[str, str], planned: dict[str, set[str]]) -> list[dict[str, Any]]:
-    """Episodes of this config already played (the resume log), tolerating a torn last line."""
-    if not path.exists():
-        return []
-    kept, dropped, torn = [], 0, 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+def _load_done(rd: RunDir, tasks: list[EvalTask], fps: dict[str, str]) -> list[dict[str, Any]]:
+    """Episodes of this config already played: their files exist with this task's fingerprint."""
+    done, stale, unreadable = [], 0, 0
+    for t in tasks:
+        for e in t.episodes:
+            path = rd.eval_episode(t.name, str(e))
+            if not path.exists():
                 continue
             try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
+                r = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                unreadable += 1  # written atomically, so only a file edited by hand gets here
                 continue
-            if fps.get(r.get("task")) == r.get("fingerprint") and r.get("episode") in planned.get(r.get("task"), ()):
-                kept.append(r)
+            if r.get("fingerprint") == fps[t.name] and r.get("episode") == str(e):
+                done.append(r)
             else:
-                dropped += 1
-    # one record per episode (a line written twice by an interrupted rewrite counts once)
-    seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in kept:
-        seen[(r["task"], r["episode"])] = r
-    if dropped or torn:
-        log.info("eval: resume log %s: kept %d episode(s), dropped %d of another config, %d unreadable line(s)",
-                 path, len(seen), dropped, torn)
-    return list(seen.values())
+                stale += 1
+    if stale or unreadable:
+        log.info("eval: %d episode file(s) of another config and %d unreadable one(s) will be played again",
+                 stale, unreadable)
+    return done
 
 
-def _log_wandb(cfg: DictConfig, rd: RunDir, results: dict[str, Any]) -> None:
+def _log_wandb(cfg: DictConfig, rd: RunDir, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
     lg = cfg.logger
     if str(lg.report_to) != "wandb":
         return
@@ -184,6 +177,9 @@ def _log_wandb(cfg: DictConfig, rd: RunDir, results: dict[str, Any]) -> None:
     run.summary.update(flat)
     rows = [[n, t["split"], t["metric"], t["value"], t["n"]] for n, t in results["tasks"].items()]
     run.log({"eval/table": wandb.Table(columns=["task", "split", "metric", "value", "n"], data=rows)})
+    cols = ["task", "episode", "success", "score", "turns", "end", "invalid_actions", "attempts"]
+    episodes = [[r.get(c) for c in cols] for r in sorted(records, key=lambda r: (r["task"], r["episode"]))]
+    run.log({"eval/episodes": wandb.Table(columns=cols, data=episodes)})
     run.finish()
 
 
@@ -207,15 +203,10 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
     planned = {t.name: {str(e) for e in t.episodes} for t in tasks}
     run_fp = fingerprint("eval-run", sorted(fps.items()), sorted((k, sorted(v)) for k, v in planned.items()))
     n_planned = sum(len(v) for v in planned.values())
-    if cfg.force and rd.eval_episodes.exists():
-        os.replace(rd.eval_episodes, rd.eval_episodes.with_suffix(f".jsonl.{int(time.time())}.bak"))
-    done = _load_done(rd.eval_episodes, fps, planned)
-    if summary_matches(rd.results, run_fp, rd.eval_episodes) and len(done) == n_planned:
+    done = [] if cfg.force else _load_done(rd, tasks, fps)
+    if not cfg.force and summary_matches(rd.results, run_fp) and len(done) == n_planned:
         log.info("eval: %s is up to date, skipping", rd.results)
         return
-    rd.eval_dir.mkdir(parents=True, exist_ok=True)
-    # rewrite the log with only this config's episodes, then append to it
-    write_jsonl(rd.eval_episodes, done)
     done_keys = {(r["task"], r["episode"]) for r in done}
     todo = [EpisodeTask(t.name, e) for t in tasks for e in t.episodes if (t.name, str(e)) not in done_keys]
     env_names = {t.name: str(t.env_cfg["_target_"]).rsplit(".", 1)[-1] for t in tasks}
@@ -225,7 +216,7 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
     t0 = time.time()
     policy_info: dict[str, Any] = {}
     if todo:
-        log.info("eval: %d episode(s) to play (%d already in %s)", len(todo), len(done), rd.eval_episodes)
+        log.info("eval: %d episode(s) to play (%d already in %s)", len(todo), len(done), rd.eval_dir)
         factories = {t.name: _env_factory(t) for t in tasks}
         # build each env once now: a missing dependency or data folder fails before the model loads
         for t in tasks:
@@ -238,20 +229,20 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
         wins: dict[str, list[int]] = {}
         bar = tqdm(total=len(todo), desc="eval", unit="ep")
         try:
-            with rd.eval_episodes.open("a", encoding="utf-8") as log_f:
-                for res in run_episodes(todo, pool, policy, batch_size=int(cfg.eval.batch_size),
-                                        max_turns={t.name: t.max_turns for t in tasks}):
-                    rec = {"fingerprint": fps[res.task], **res.to_dict()}
-                    log_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    log_f.flush()
-                    os.fsync(log_f.fileno())
-                    records.append(rec)
-                    env_names[res.task] = res.env
-                    w = wins.setdefault(res.task, [0, 0])
-                    w[0] += int(res.success)
-                    w[1] += 1
-                    bar.update(1)
-                    bar.set_postfix({k: f"{a}/{n}" for k, (a, n) in wins.items()}, refresh=False)
+            for res in run_episodes(todo, pool, policy, batch_size=int(cfg.eval.batch_size),
+                                    max_turns={t.name: t.max_turns for t in tasks},
+                                    env_retries=int(cfg.eval.get("env_retries", 1))):
+                rec = {"fingerprint": fps[res.task], **res.to_dict()}
+                # one file per episode, written atomically the moment it ends: a crash loses only the
+                # episodes in flight, and each transcript can be read on its own
+                write_json(rd.eval_episode(res.task, res.episode), rec)
+                records.append(rec)
+                env_names[res.task] = res.env
+                w = wins.setdefault(res.task, [0, 0])
+                w[0] += int(res.success)
+                w[1] += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{a}/{n}" for k, (a, n) in wins.items()}, refresh=False)
         finally:
             bar.close()
             pool.close()
@@ -261,7 +252,7 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
             policy.close()
     else:
         records = done
-        log.info("eval: all %d episode(s) already played for this config (%s)", len(done), rd.eval_episodes)
+        log.info("eval: all %d episode(s) already played for this config (%s)", len(done), rd.eval_dir)
 
     summary = summarize(records, [t.info(env_names[t.name]) for t in tasks])
     results = {
@@ -278,7 +269,7 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
     }
     write_json(rd.results, results)
     log.info("eval results -> %s\n%s", rd.results, format_table(summary))
-    _log_wandb(cfg, rd, results)
+    _log_wandb(cfg, rd, results, records)
 
 
 def _json_or_empty(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
