@@ -304,3 +304,30 @@ def test_episode_specs():
         _episodes("t", [1, 1])
     with pytest.raises(ConfigError, match=r"eval.tasks.t.episodes must be"):
         _episodes("t", {"first": 1})
+
+
+@pytest.mark.slow
+def test_openai_policy_against_a_real_llama_cpp_server(tmp_path):
+    """`policy=openai` plays through any OpenAI-compatible endpoint: here llama.cpp's server on the SmolLM2
+    GGUF. A rerun of the same episodes against the same server is answered from the reply cache."""
+    from atlas_exp.selectors.local_server import LocalServer
+
+    with LocalServer(n_ctx=4096) as server:
+        args = [f"run_dir={tmp_path / 'run'}", "stage=eval", "policy=openai", f"policy.base_url={server.base_url}",
+                f"policy.model={server.alias}", f"policy.cache_path={tmp_path / 'replies.jsonl'}",
+                "policy.max_new_tokens=32", "policy.concurrency=2", "logger=none",
+                "eval.tasks.textcraft.episodes.count=2", "eval.tasks.textcraft.max_turns=2",
+                "~eval.tasks.babyai", "~eval.tasks.sciworld"]
+        p = app(*args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+        assert res["policy"]["policy"] == "openai" and res["policy"]["base_url"] == server.base_url
+        assert res["tasks"]["textcraft"]["n"] == 2 and set(res["tasks"]) == {"textcraft"}
+        stats = res["policy"]["stats"]
+        assert stats["responses"] >= 2 and stats["completion_tokens"] > 0 and stats["cache_hits"] == 0
+        ep = json.loads(next((tmp_path / "run" / "eval" / "textcraft").glob("*.json")).read_text())
+        assert ep["messages"][3]["role"] == "assistant" and ep["messages"][3]["content"]
+        p = app(f"run_dir={tmp_path / 'again'}", *args[1:])
+        assert p.returncode == 0, p.stderr[-3000:]
+        again = json.loads((tmp_path / "again" / "eval" / "results.json").read_text())["policy"]["stats"]
+        assert again["cache_hits"] == stats["responses"] and again["responses"] == 0
