@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu report
+.PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu report bench bench-quick
 
 help:
 	@echo "make run [ARGS='selector=random ratio=0.3']  set up .venv (once) and run data -> select -> train"
@@ -16,6 +16,8 @@ help:
 	@echo "make ablation                                 run it (GPU machine; without a GPU only the plan is printed)"
 	@echo "make ablation-cpu                             the cpu_small ablation on this machine, then its report"
 	@echo "make report SWEEP=outputs/<exp>/sweep         report.md / report.csv / plots of a sweep"
+	@echo "make bench [BENCH_ARGS=...]                   the benchmarks (experiments/bench), then one summary table"
+	@echo "make bench-quick                              the same at small sizes (minutes; figures are indicative only)"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -63,6 +65,17 @@ ablation-cpu: setup
 SWEEP ?= outputs/cpu_small/sweep
 report: setup
 	$(PY) -m atlas_exp.report $(SWEEP)
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+# writes experiments/results/bench/<name>.json (machine, versions, commit), then prints the summary table
+bench: $(VENV)/.bench-installed
+	$(PY) experiments/bench/run_all.py $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench-installed
+	$(PY) experiments/bench/run_all.py --quick $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m pip install -q ruff

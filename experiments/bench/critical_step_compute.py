@@ -1,0 +1,196 @@
+"""critical_step_compute: what training on critical steps only saves, per epoch, in our own trainer.
+
+What is compared: the wall time of one training epoch (`trainer.train()` of the app's `run_training`,
+unchanged) and the tokens it processes, on the same N real AgentTraj-L trajectories (default 64 TextCraft
+records in file order; --quick 8), SmolLM2-135M LoRA on the CPU (conf/train/lora.yaml, fp32):
+
+* ours: `ratio=0.3` steps chosen by `selector=perplexity_delta` (or `--selector random`) with
+  `train.truncate_after_last_selected=true` (the tokens after the last selected step are dropped: a causal
+  LM's loss and gradients cannot depend on them);
+* baseline: all steps (`selector=all ratio=1.0`, standard agent tuning), everything else the same.
+
+Ratio = seconds(ours) / seconds(all steps); target <= 0.7x. The same pair is then run again with
+`train.group_by_length=true` at a batch size > 1 (`--gbl-batch-size`, default 2, grad_accum 1), where
+length grouping can also cut padding (at batch size 1 it only reorders).
+
+Memory: training keeps every layer's attention scores for the backward pass, so memory grows with
+batch x length^2. Observed on this machine with the first 8 TextCraft records (up to 1,560 tokens): about
+6.5-7 GB resident at batch size 1, over 10 GB at batch size 2, 18 GB at batch size 4. A child process over
+$BENCH_WORKER_MAX_RSS_GB (default: 75% of the memory available, at most 14 GB) is stopped, so that the
+benchmark never pushes a shared machine into its OOM killer; the group_by_length pair is then reported as
+skipped and run again at batch size 1 (group_by_length on, grad_accum as the main pair), where it only
+reorders the data.
+
+Why it is fair: both conditions train the same trajectories with the same model, LoRA, optimiser, batch
+size, max length, seed and number of optimizer steps (one epoch over the same N examples); only the
+selection differs. Each condition runs in its own fresh child process, one after the other, and only
+`train()` is timed (model load, masking, saving excluded). The perplexity_delta selection itself is NOT
+free: it is timed separately (`figures.selection_seconds`, one scoring forward pass per trajectory,
+score cache off) and reported in an extra row "epoch + selection", because a user pays it once per
+dataset (it is cached and shared by every ratio/seed of a sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+NAME = "critical_step_compute"
+
+
+def _overrides(args, *, group_by_length: bool, batch_size: int, grad_accum: int) -> list[str]:
+    return [
+        f"cache_dir={args.cache_dir}",
+        "logger=none",
+        "train=lora",
+        f"train.max_length={args.max_length}",
+        f"train.per_device_batch_size={batch_size}",
+        f"train.grad_accum={grad_accum}",
+        f"train.group_by_length={str(group_by_length).lower()}",
+        "train.truncate_after_last_selected=true",
+        "train.epochs=1",
+        "train.max_steps=-1",
+        "train.save_steps=1000000000",
+        f"seed={args.seed}",
+    ]
+
+
+def main() -> None:
+    import argparse
+
+    p = common.base_parser(NAME, __doc__, n_default=64, n_quick=8, n_help="trajectories")
+    p.add_argument("--env", default="textcraft", help="AgentTraj-L env file(s), comma-separated (default textcraft)")
+    p.add_argument("--selector", choices=["perplexity_delta", "random"], default="perplexity_delta")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--max-length", type=int, default=2048, help="train.max_length (conf: 2048)")
+    p.add_argument("--batch-size", type=int, default=1, help="train.per_device_batch_size of the main pair (conf: 1)")
+    p.add_argument("--grad-accum", type=int, default=4, help="train.grad_accum of the main pair (conf: 4)")
+    p.add_argument("--gbl-batch-size", type=int, default=2, help="batch size of the group_by_length pair (grad_accum 1)")
+    p.add_argument("--no-group-by-length", action="store_true", help="skip the group_by_length pair")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ov", action="append", default=[], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    common.setup_env(args.threads)
+    if args.worker:
+        common.torch_threads(args.threads)
+        res = common.our_training_worker(args.run_dir, args.ov)
+        args.worker_out.write_text(json.dumps(res, default=str))
+        return
+
+    started = time.time()
+    n = common.resolve_n(args)
+    envs = [e for e in args.env.split(",") if e]
+    trajs = common.load_trajectories(args.data_dir, envs, n)
+    common.torch_threads(args.threads)
+
+    from atlas_exp.selectors.all_steps import AllStepsSelector
+    from atlas_exp.selectors.base import summarize
+
+    if args.selector == "perplexity_delta":
+        from atlas_exp.selectors.perplexity import PerplexitySelector
+
+        sel = PerplexitySelector(ratio=args.ratio, seed=args.seed, metric="ratio", model=common.smollm2_spec(),
+                                 cache_dir=str(args.cache_dir), device="cpu", dtype="fp32", progress=False, score_cache=False)
+        sel.load()  # model load is not part of the selection time
+        with common.stopwatch() as t_sel:
+            crit = list(sel.select(trajs))
+        sel.close()
+    else:
+        from atlas_exp.selectors.random_steps import RandomSelector
+
+        with common.stopwatch() as t_sel:
+            crit = list(RandomSelector(ratio=args.ratio, seed=args.seed).select(trajs))
+    allsel = list(AllStepsSelector(ratio=1.0, seed=args.seed).select(trajs))
+    sel_summary = summarize(crit, trajs)
+    print(f"[{NAME}] {len(trajs)} trajectories of {envs}; {args.selector} selection at {args.ratio}: "
+          f"{sel_summary.get('achieved_ratio')} achieved, {t_sel['seconds']:.1f} s", flush=True)
+
+    pairs = [(f"bs{args.batch_size}", False, args.batch_size, args.grad_accum)]
+    if not args.no_group_by_length:
+        pairs.append((f"group_by_length_bs{args.gbl_batch_size}", True, args.gbl_batch_size, 1))
+    results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-crit-") as tmp:
+        i = 0
+        while i < len(pairs):
+            label, gbl, bs, ga = pairs[i]
+            i += 1
+            for cond, sels in (("critical", crit), ("all_steps", allsel)):
+                rd = Path(tmp) / f"{label}-{cond}"
+                rd.mkdir()
+                common.write_trajectories(rd / "trajectories.jsonl", trajs)
+                common.write_selections(rd / "selection.jsonl", sels)
+                ov = _overrides(args, group_by_length=gbl, batch_size=bs, grad_accum=ga)
+                wargs = ["--worker", "train", "--run-dir", str(rd), "--threads", str(args.threads)]
+                for o in ov:
+                    wargs += ["--ov", o]
+                print(f"[{NAME}] {label} {cond} ...", flush=True)
+                try:
+                    res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=f"{label}-{cond}")
+                except common.WorkerMemoryLimit as e:
+                    if not gbl:
+                        raise
+                    print(f"[{NAME}]   skipped: {e}", flush=True)
+                    skipped[label] = str(e)
+                    if bs > 1:  # group_by_length still on, at batch size 1 (where it only reorders)
+                        print(f"[{NAME}]   retrying the group_by_length pair at batch size 1", flush=True)
+                        pairs.append(("group_by_length_bs1", True, 1, args.grad_accum))
+                    break
+                s = common.trainer_summary(res["record"])
+                s["data"] = res["run_training_summary"]
+                s["process_wall_seconds"] = res["_process_wall_seconds"]
+                s["process_peak_rss_mb_polled"] = res["_process_peak_rss_mb_polled"]
+                results[f"{label}/{cond}"] = s
+                print(f"[{NAME}]   {cond}: {s['train_seconds']:.1f} s, {s['tokens']} tokens ({s['padded_tokens']} padded), "
+                      f"{s['supervised_tokens']} supervised, {s['optimizer_steps']} steps, peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
+
+    pairs = [x for x in pairs if x[0] not in skipped]
+    comps = []
+    for label, gbl, bs, ga in pairs:
+        c, a = results[f"{label}/critical"], results[f"{label}/all_steps"]
+        tag = f" [{label}]"
+        comps.append(common.comparison(f"epoch seconds{tag}", c["train_seconds"], a["train_seconds"], op="<=", target=0.7, unit="s",
+                                       ours_label=f"{args.selector}@{args.ratio}+truncate", baseline_label="all steps"))
+        comps.append(common.comparison(f"tokens processed{tag}", c["padded_tokens"], a["padded_tokens"], op=None, target=None,
+                                       unit="tokens (padded)", ours_label=f"{args.selector}@{args.ratio}+truncate", baseline_label="all steps"))
+        if label == pairs[0][0] and args.selector == "perplexity_delta":
+            comps.append(common.comparison(f"epoch + selection seconds{tag}", c["train_seconds"] + t_sel["seconds"], a["train_seconds"],
+                                           op=None, target=None, unit="s", ours_label="perplexity_delta scoring + epoch", baseline_label="all steps"))
+    figures = {
+        "n_trajectories": len(trajs),
+        "envs": envs,
+        "selector": args.selector,
+        "ratio": args.ratio,
+        "selection_seconds": round(t_sel["seconds"], 3),
+        "selection_summary": {k: sel_summary.get(k) for k in ("achieved_ratio", "n_steps", "n_selected")},
+        "conditions": results,
+        "skipped": skipped,
+        "same_optimizer_steps": all(results[f"{l}/critical"]["optimizer_steps"] == results[f"{l}/all_steps"]["optimizer_steps"] for l, *_ in pairs),
+    }
+    notes = [
+        "Timed: trainer.train() of the app's run_training, each condition in its own child process, one after the other, "
+        f"threads={args.threads}. One run per condition: on a shared machine, read small differences with care "
+        "(machine.loadavg_1_5_15).",
+        "tokens processed = sum over batches of the padded batch size (batch x longest); 'tokens' in figures is the "
+        "real (unpadded) count. At batch size 1 they are equal.",
+        "The all-steps baseline also has truncate_after_last_selected=true (the conf default); with every step selected "
+        "it only drops what follows the last assistant turn, which AgentTraj-L trajectories rarely have.",
+    ]
+    for label, why in skipped.items():
+        notes.append(f"{label} pair skipped: {why}")
+    if args.selector == "perplexity_delta":
+        notes.append("selection_seconds: PerplexitySelector.select with score_cache=False, model already loaded; paid once per "
+                     "dataset and model (cached across a sweep's ratios and seeds).")
+    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+
+
+if __name__ == "__main__":
+    main()

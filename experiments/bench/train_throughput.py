@@ -1,0 +1,275 @@
+"""train_throughput: our masked finetuning (`atlas_exp.train.trainer.run_training`) vs TRL's `SFTTrainer`.
+
+What is compared: training throughput (real tokens/s and supervised tokens/s over the whole `train()` call)
+and the peak resident memory during `train()`, ours / TRL, on the same N real AgentTraj-L trajectories
+(default 200 TextCraft records in file order; --quick 16), SmolLM2-135M-Instruct on the CPU in fp32, LoRA
+with conf/train/lora.yaml's r / alpha / dropout / target_modules, the same batch size, gradient accumulation,
+max length, learning-rate schedule, seed and number of optimizer steps (one epoch). Target: ours >= 1.0x.
+
+Why it is a fair comparison:
+
+* Same sequences and labels. The selection (random, ratio 0.3, seeded) is written once to a run dir. Our
+  side runs the app's own `run_training` on it unchanged (composed config: `conf/config.yaml` + `train=lora`
+  + the size overrides below), which masks with `build_examples` and trains with `MaskedCollator`. The TRL
+  side calls the same `build_examples` with the same options (max_length, on_empty,
+  truncate_after_last_selected) and hands TRL an already tokenized `datasets.Dataset` with exactly two
+  columns, `input_ids` and `labels` (-100 outside the selected steps). TRL 1.x treats a dataset that has
+  `input_ids` as pre-tokenized (no chat template, no formatting function), uses a `labels` column as is,
+  and pads with its own `DataCollatorForLanguageModeling` (pad token / -100 on the right, like ours);
+  `packing=False`, `padding_free=False`, `completion_only_loss`/`assistant_only_loss` unused, its
+  `max_length` equal to ours (a no-op: our sequences are already cut to it), `shuffle_dataset=False`.
+* Same batches in the same order: both trainers are wrapped by the same instrumentation (a recording
+  collator), and the benchmark checks that the sha1 of every batch's input_ids and labels is identical on
+  both sides, batch for batch (`figures.same_batches`); it fails otherwise.
+* Same optimisation: same TrainingArguments values (checked: `figures.args_equal`), TRL's own defaults that
+  differ from transformers' (gradient_checkpointing=True, bf16=True, logging_steps=10, lr=2e-5) are
+  overridden to ours; checkpoints are not written inside `train()` on either side; no reporting backend.
+* Same model: the same converted SmolLM2 folder, fp32, `use_cache=False`; ours wraps it with peft's
+  `get_peft_model`, TRL with the same `LoraConfig` passed as `peft_config` (TRL's documented way).
+* Timed: only `trainer.train()` (model loading, masking, TRL's dataset preparation and saving excluded on
+  both sides), each side in its own fresh child process (so each has its own memory peak), run one after
+  the other, never at the same time; `--repeats R` alternates the order and reports medians.
+
+Not identical, by design of each library (see `notes` in the JSON): TRL computes its loss with a fused LM
+head and logs entropy / token accuracy every step; the transformers Trainer under ours materialises the
+full logits and uses the model's own loss. That is exactly what is being compared.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+NAME = "train_throughput"
+
+
+def _overrides(args) -> list[str]:
+    return [
+        f"cache_dir={args.cache_dir}",
+        "logger=none",
+        "train=lora",
+        f"train.max_length={args.max_length}",
+        f"train.per_device_batch_size={args.batch_size}",
+        f"train.grad_accum={args.grad_accum}",
+        "train.epochs=1",
+        "train.max_steps=-1",
+        # no checkpoint inside the timed train() (TRL side: save_strategy=no)
+        "train.save_steps=1000000000",
+        f"seed={args.seed}",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def worker_ours(args) -> dict:
+    return common.our_training_worker(Path(args.run_dir), _overrides(args))
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from atlas_exp.config import compose
+    from atlas_exp.models import ModelSpec, load_model, load_tokenizer
+    from atlas_exp.pipeline import RunDir
+    from atlas_exp.selectors.stage import read_selections, read_trajectories
+    from atlas_exp.train.masking import build_examples
+
+    cfg = compose(_overrides(args))
+    tc = cfg.train
+    spec = ModelSpec.from_cfg(cfg.model)
+    rd = RunDir(Path(args.run_dir))
+    tok = load_tokenizer(spec, cfg.cache_dir)
+    # exactly the call run_training makes
+    examples, stats = build_examples(
+        tok, read_trajectories(rd.trajectories), read_selections(rd.selection),
+        max_length=int(tc.max_length), on_empty=str(tc.on_empty),
+        truncate_after_last_selected=bool(tc.truncate_after_last_selected), progress=False,
+    )
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+
+    model = load_model(spec, cfg.cache_dir, dtype=torch.float32)  # fp32 on CPU, as resolve_precision("auto") gives
+    model.config.use_cache = False
+    lc = tc.lora
+    target = lc.target_modules
+    target = list(target) if OmegaConf.is_list(target) else str(target)
+    peft_config = LoraConfig(r=int(lc.r), lora_alpha=int(lc.alpha), lora_dropout=float(lc.dropout), target_modules=target, task_type="CAUSAL_LM")
+    warm = float(tc.warmup_ratio)
+    sft = SFTConfig(
+        output_dir=str(Path(args.run_dir) / "trl_out"),
+        num_train_epochs=float(tc.epochs),
+        max_steps=int(tc.max_steps),
+        per_device_train_batch_size=int(tc.per_device_batch_size),
+        gradient_accumulation_steps=int(tc.grad_accum),
+        learning_rate=float(tc.lr),
+        lr_scheduler_type=str(tc.lr_scheduler),
+        warmup_steps=warm if warm < 1 else int(warm),
+        weight_decay=float(tc.weight_decay),
+        max_grad_norm=float(tc.max_grad_norm),
+        bf16=False,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=bool(tc.gradient_checkpointing),
+        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
+        logging_steps=int(tc.logging_steps),
+        save_strategy="no",
+        report_to="none",
+        seed=int(cfg.seed),
+        dataloader_num_workers=int(tc.dataloader_num_workers),
+        disable_tqdm=True,
+        # train on exactly our labels: no packing, no padding-free, no re-tokenizing
+        packing=False,
+        padding_free=False,
+        max_length=int(tc.max_length),
+        shuffle_dataset=False,
+        dataset_num_proc=None,
+    )
+    trainer_cls = common.instrument_trainer(SFTTrainer)
+    trainer_cls.bench_records = []
+    trainer = trainer_cls(model=model, args=sft, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+    trainer.train()
+    (rec,) = trainer_cls.bench_records
+    rec["collator"] = type(trainer._bench_collator.inner).__module__ + "." + type(trainer._bench_collator.inner).__name__
+    rec["dataset_columns"] = list(trainer.train_dataset.column_names)
+    rec["dataset_rows"] = len(trainer.train_dataset)
+    return {"record": rec, "masking_stats": stats}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    p = common.base_parser(NAME, __doc__, n_default=200, n_quick=16, n_help="trajectories")
+    p.add_argument("--env", default="textcraft", help="AgentTraj-L env file(s), comma-separated (default textcraft)")
+    p.add_argument("--ratio", type=float, default=0.3, help="share of steps selected (random selector)")
+    p.add_argument("--max-length", type=int, default=2048, help="train.max_length (conf/train/lora.yaml: 2048)")
+    p.add_argument("--batch-size", type=int, default=1, help="train.per_device_batch_size (conf: 1)")
+    p.add_argument("--grad-accum", type=int, default=4, help="train.grad_accum (conf: 4)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the order; medians reported")
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse_hidden())
+    p.add_argument("--worker-out", type=Path, help=argparse_hidden())
+    p.add_argument("--run-dir", type=Path, help=argparse_hidden())
+    args = p.parse_args()
+    common.setup_env(args.threads)
+    if args.worker:
+        common.torch_threads(args.threads)
+        res = worker_ours(args) if args.worker == "ours" else worker_trl(args)
+        res["machine"] = common.machine_info()
+        args.worker_out.write_text(json.dumps(res, default=str))
+        return
+
+    started = time.time()
+    n = common.resolve_n(args)
+    envs = [e for e in args.env.split(",") if e]
+    trajs = common.load_trajectories(args.data_dir, envs, n)
+    from atlas_exp.selectors.random_steps import RandomSelector
+
+    sels = list(RandomSelector(ratio=args.ratio, seed=args.seed).select(trajs))
+    print(f"[{NAME}] {len(trajs)} trajectories of {envs}, random selection at ratio {args.ratio}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for r in range(args.repeats):
+            order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
+            for side in order:
+                rd = Path(tmp) / f"{side}{r}"
+                rd.mkdir()
+                common.write_trajectories(rd / "trajectories.jsonl", trajs)
+                common.write_selections(rd / "selection.jsonl", sels)
+                wargs = ["--worker", side, "--run-dir", str(rd), "--cache-dir", str(args.cache_dir), "--seed", str(args.seed),
+                         "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+                         "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+                print(f"[{NAME}] run {r + 1}/{args.repeats}: {side} ...", flush=True)
+                res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=side)
+                s = common.trainer_summary(res["record"])
+                print(f"[{NAME}]   {side}: {s['train_seconds']:.1f} s, {s['optimizer_steps']} steps, "
+                      f"{s['tokens_per_s']:.1f} tok/s, {s['supervised_tokens_per_s']:.1f} sup tok/s, "
+                      f"peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
+                runs[side].append(res)
+
+    ours0, trl0 = runs["ours"][0]["record"], runs["trl"][0]["record"]
+    digests = lambda rec: [(b["ids"], b["labels"]) for b in rec["batches"]]
+    same_batches = all(digests(x["record"]) == digests(ours0) for x in runs["ours"] + runs["trl"])
+    arg_keys = set(ours0["args"]) - {"train_sampling_strategy"} | {"train_sampling_strategy"}
+    args_diff = {k: (ours0["args"].get(k), trl0["args"].get(k)) for k in sorted(arg_keys) if ours0["args"].get(k) != trl0["args"].get(k)}
+    same_steps = ours0["global_step"] == trl0["global_step"]
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(common.trainer_summary(x["record"])[key] for x in runs[side])
+
+    figs = {side: {k: med(side, k) for k in ("train_seconds", "tokens_per_s", "supervised_tokens_per_s", "peak_rss_mb",
+                                             "peak_rss_increase_mb", "rss_before_mb", "step_seconds_median_after_first")}
+            for side in ("ours", "trl")}
+    per_run = {side: [common.trainer_summary(x["record"]) | {"process_wall_seconds": x["_process_wall_seconds"]} for x in runs[side]]
+               for side in ("ours", "trl")}
+    figures = {
+        "n_trajectories": len(trajs),
+        "envs": envs,
+        "median": figs,
+        "runs": per_run,
+        "same_batches": same_batches,
+        "n_batches": len(ours0["batches"]),
+        "optimizer_steps": {"ours": ours0["global_step"], "trl": trl0["global_step"]},
+        "args_equal": not args_diff,
+        "args_diff": args_diff,
+        "args": ours0["args"],
+        # a check that both sides optimise the same objective: same data, labels and optimizer give nearly the
+        # same mean loss (not bit-equal: LoRA init and dropout draw from the RNG in a different order, and TRL's
+        # fused LM head sums in another order)
+        "train_loss": {"ours": ours0["train_loss"], "trl": trl0["train_loss"],
+                       "abs_diff": abs(ours0["train_loss"] - trl0["train_loss"])},
+        "tokens": ours0["tokens"],
+        "supervised_tokens": ours0["supervised_tokens"],
+        "trainable_params": {"ours": ours0["trainable_params"], "trl": trl0["trainable_params"]},
+        "trl_collator": trl0.get("collator"),
+        "trl_dataset_columns": trl0.get("dataset_columns"),
+        "masking_stats": runs["trl"][0].get("masking_stats"),
+        "first_batches": ours0["batches"][:3],
+    }
+    comps = [
+        common.comparison("tokens/s (all real tokens)", figs["ours"]["tokens_per_s"], figs["trl"]["tokens_per_s"],
+                          op=">=", target=1.0, unit="tok/s", baseline_label="TRL SFTTrainer"),
+        common.comparison("supervised tokens/s", figs["ours"]["supervised_tokens_per_s"], figs["trl"]["supervised_tokens_per_s"],
+                          op=">=", target=1.0, unit="tok/s", baseline_label="TRL SFTTrainer"),
+        common.comparison("peak RSS during train()", figs["ours"]["peak_rss_mb"], figs["trl"]["peak_rss_mb"],
+                          op=None, target=None, unit="MB", baseline_label="TRL SFTTrainer"),
+    ]
+    notes = [
+        "Timed: trainer.train() only, each side in its own child process, one after the other; "
+        f"{args.repeats} run(s) per side, medians. Threads: {args.threads}.",
+        "Same batches in the same order: " + ("verified by sha1 of every batch's input_ids and labels" if same_batches else "NOT verified: the batch digests differ"),
+        "TRL's loss uses its fused LM head and it logs entropy / mean token accuracy at every step; ours uses the "
+        "model's own causal-LM loss over full logits. These are each library's normal code paths.",
+        "Peak memory is the RSS of the whole child process (model, optimizer state, Python, torch allocator caches), "
+        "sampled every 20 ms during train(); it is a lower bound on the true peak.",
+        "The issue sets the target on throughput only; the memory row is informational.",
+        "The shared machine's load average is in machine.loadavg_1_5_15: other jobs can slow either side.",
+    ]
+    if not same_steps:
+        notes.append(f"optimizer steps differ: ours {ours0['global_step']}, TRL {trl0['global_step']}")
+    if args_diff:
+        notes.append(f"training arguments differ: {args_diff}")
+    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    if not (same_batches and same_steps):
+        raise SystemExit(f"[{NAME}] the two sides did not train on the same batches / steps: see notes")
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
