@@ -331,3 +331,12 @@ def test_openai_policy_against_a_real_llama_cpp_server(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         again = json.loads((tmp_path / "again" / "eval" / "results.json").read_text())["policy"]["stats"]
         assert again["cache_hits"] == stats["responses"] and again["responses"] == 0
+
+
+def test_eval_preset_caps_reply_length_but_never_raises_it():
+    from atlas_exp.config import compose
+    from atlas_exp.eval.stage import _reply_cap
+
+    assert _reply_cap(compose([])) == 128  # smoke caps the policy's 256
+    assert _reply_cap(compose(["policy.max_new_tokens=48"])) == 48
+    assert _reply_cap(compose(["eval=held_in"])) is None  # real evaluations use the policy's own length

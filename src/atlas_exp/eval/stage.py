@@ -121,6 +121,9 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     assert isinstance(pol, dict)
     pol.pop("batch_size", None)  # how replies are batched is not part of what they are
+    cap = _reply_cap(cfg)
+    if cap:
+        pol["max_new_tokens"] = cap
     out: dict[str, Any] = {"policy": pol}
     if pol.get("model", "run") in ("run", "base") and "HFPolicy" in str(pol.get("_target_", "")):
         out["base_model"] = OmegaConf.to_container(cfg.model, resolve=True)
@@ -190,7 +193,19 @@ def build_policy(cfg: DictConfig, rd: RunDir) -> Policy:
         cache_dir=str(cfg.cache_dir),
         seed=int(cfg.seed),
     )
-    return build(cfg.policy, "policy", Policy, context=ctx)
+    cap = _reply_cap(cfg)
+    return build(cfg.policy, "policy", Policy, context=ctx, **({"max_new_tokens": cap} if cap else {}))
+
+
+def _reply_cap(cfg: DictConfig) -> int | None:
+    """`eval.max_new_tokens` caps `policy.max_new_tokens` (never raises it): the smoke preset keeps replies
+    short because a model trained for a few steps may not stop on its own, and every long reply makes every
+    later prompt of its episode longer."""
+    cap = cfg.eval.get("max_new_tokens")
+    if not cap:
+        return None
+    own = cfg.policy.get("max_new_tokens")
+    return int(min(int(cap), int(own))) if own else int(cap)
 
 
 def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
