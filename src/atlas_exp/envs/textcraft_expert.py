@@ -50,8 +50,9 @@ from atlas_exp.envs.textcraft import (
 
 log = logging.getLogger(__name__)
 
-#: The not-trained assistant turn that follows the instruction in every AgentTraj-L conversation.
-ACK = "OK. I'll follow your instructions and try my best to solve the task."
+#: The not-trained assistant turn that follows the instruction in every AgentTraj-L conversation: the env's
+#: own `ack`, which the evaluation loop replays, so recorded data and evaluation cannot drift apart.
+ACK = TextCraftEnv.ack
 
 _COMMAND = re.compile(r"^craft (\d+) (.+?) using (.+)$")
 _COUNT = re.compile(r"^(\d+) (.+)$")
