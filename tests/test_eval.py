@@ -212,6 +212,39 @@ def test_hf_policy_batched_replies_equal_one_at_a_time(base_policy):
     assert base_policy.stats["completion_tokens"] > 0
 
 
+def test_hf_policy_reuses_each_episodes_kv_cache_and_replies_stay_the_same(smollm2_dir):
+    """Turn t+1 prefills only what turn t did not see; the replies equal a policy that prefills everything."""
+    ctx = PolicyContext(model_cfg={"name": "s", "name_or_path": str(smollm2_dir), "gguf_file": None},
+                        run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE))
+    reuse = HFPolicy(context=ctx, model="base", max_new_tokens=20, batch_size=8)
+    fresh = HFPolicy(context=ctx, model="base", max_new_tokens=20, batch_size=8, reuse_kv_cache=False)
+    assert fresh.prefix_cache is None and reuse.prefix_cache is not None
+    env = TextCraftEnv()
+    convs = [[{"role": "user", "content": env.instruction()}, {"role": "assistant", "content": env.ack},
+              {"role": "user", "content": env.reset(s)}] for s in (1, 2, 3)]
+    first = reuse.generate(convs)
+    assert first == fresh.generate(convs)
+    assert reuse.stats["reused_tokens"] == 0
+    prefilled = reuse.stats["prefilled_tokens"]
+    # next round: two episodes go on (one of them with a reply that differs from what the model said:
+    # only the common prefix can be reused), one ended, a new one starts
+    obs = {"role": "user", "content": "Observation: Crafted 1 minecraft:stick"}
+    nxt = [convs[0] + [{"role": "assistant", "content": first[0]}, obs],
+           convs[1] + [{"role": "assistant", "content": "Thought: something else.\nAction: inventory"}, obs],
+           [{"role": "user", "content": env.instruction()}, {"role": "assistant", "content": env.ack},
+            {"role": "user", "content": env.reset(7)}]]
+    second = reuse.generate(nxt)
+    assert second == fresh.generate(nxt)
+    new_tokens = reuse.stats["prefilled_tokens"] - prefilled
+    prompt_tokens = sum(len(reuse.encode(c)) for c in nxt)
+    assert reuse.stats["reused_tokens"] + new_tokens == prompt_tokens
+    # the continuing episode reuses all but its new observation; the new one reuses the shared instruction
+    assert reuse.stats["reused_tokens"] > len(reuse.encode(convs[0]))
+    assert new_tokens < prompt_tokens / 2
+    # only this call's sequences are kept: the ended episode's entry is gone
+    assert len(reuse.prefix_cache.entries) == 3
+
+
 def test_hf_policy_context_limit(smollm2_dir):
     ctx = PolicyContext(model_cfg={"name": "s", "name_or_path": str(smollm2_dir), "gguf_file": None},
                         run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE))

@@ -16,6 +16,7 @@ that fails after its retries gives `NoReply("no_reply")`, which ends only that e
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from atlas_exp.errors import ConfigError
+from atlas_exp.eval.prefix_cache import PrefixCache, Row
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class HFPolicy:
         max_context: int | None = None,
         dtype: str = "auto",
         batch_size: int = 16,
+        reuse_kv_cache: bool = True,
     ):
         import torch
 
@@ -161,6 +164,10 @@ class HFPolicy:
         self.max_context = int(min(max_context, limit) if max_context else limit)
         self.stop_ids = self._stop_token_ids()
         self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0}
+        # sliding-window / recurrent caches cannot be re-laid out row by row: those models prefill every turn
+        self.prefix_cache = PrefixCache() if reuse_kv_cache and _plain_attention(self.model) else None
+        # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version's models take
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         torch.manual_seed(context.seed)
 
     def _stop_token_ids(self) -> list[int]:
@@ -196,48 +203,73 @@ class HFPolicy:
         return list(ids)
 
     def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]:
-        import torch
-
         out: list[str | NoReply] = [NoReply("context_limit", f"prompt + {self.max_new_tokens} new tokens > {self.max_context}")] * len(conversations)
         encoded = [(i, self.encode(c)) for i, c in enumerate(conversations)]
         fits = [(i, ids) for i, ids in encoded if len(ids) + self.max_new_tokens <= self.max_context]
         self.stats["context_limit"] += len(encoded) - len(fits)
-        # similar lengths together: less padding in each generate call
-        fits.sort(key=lambda x: len(x[1]))
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(fits), self.batch_size):
-            chunk = fits[start:start + self.batch_size]
-            width = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (_, ids) in enumerate(chunk):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad,
-                                      "eos_token_id": self.stop_ids}
-            if self.temperature > 0:
-                kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.inference_mode():
-                gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            new = gen[:, width:].cpu()
-            self.stats["calls"] += 1
-            for row, (i, ids) in enumerate(chunk):
-                toks = new[row].tolist()
-                n = len(toks)
-                for k, t in enumerate(toks):
-                    if t in self.stop_ids:
-                        n = k
-                        break
-                out[i] = self.tokenizer.decode(toks[:n], skip_special_tokens=True).strip()
+        rows = [(i, self.prefix_cache.match(ids) if self.prefix_cache else Row(ids)) for i, ids in fits]
+        # similar amounts of new tokens together: less padding in each generate call
+        rows.sort(key=lambda x: len(x[1].new))
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            for (i, row), (reply, n) in zip(chunk, self._generate_chunk([r for _, r in chunk])):
+                out[i] = reply
                 self.stats["replies"] += 1
-                self.stats["prompt_tokens"] += len(ids)
+                self.stats["prompt_tokens"] += len(row.ids)
                 self.stats["completion_tokens"] += n
+        if self.prefix_cache is not None:
+            self.prefix_cache.commit()
+            self.stats.update(self.prefix_cache.stats)
         return out
+
+    def _generate_chunk(self, rows: list[Row]) -> list[tuple[str, int]]:
+        """One batched `generate` for `rows`: (reply text, reply tokens) per row."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        # without reuse every row is all new tokens: plain left padding
+        input_ids, mask, past, _ = (self.prefix_cache or PrefixCache()).layout(rows, pad)
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad,
+                                  "eos_token_id": self.stop_ids, "return_dict_in_generate": True}
+        if past is not None:
+            kwargs[self._cache_kw] = past  # built from kept entries: already on the model's device
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        width = input_ids.shape[1]
+        new = gen.sequences[:, width:].cpu()
+        self.stats["calls"] += 1
+        replies, kept = [], []
+        for row in range(len(rows)):
+            toks = new[row].tolist()
+            n = len(toks)
+            for k, t in enumerate(toks):
+                if t in self.stop_ids:
+                    n = k
+                    break
+            replies.append((self.tokenizer.decode(toks[:n], skip_special_tokens=True).strip(), n))
+            kept.append(toks[:n + 1])  # the stop token too: the next prompt continues after it
+        cache = getattr(gen, self._cache_kw, None)
+        if self.prefix_cache is not None and cache is not None:
+            self.prefix_cache.keep(cache, mask, rows, kept)
+        return replies
 
     def close(self) -> None:
         self.model = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+
+def _plain_attention(model: Any) -> bool:
+    """Whether every layer's cache is a plain growing key/value cache (no sliding window, no recurrent state)."""
+    cfg = model.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    types = getattr(cfg, "layer_types", None)
+    return not types or all(t == "full_attention" for t in types)
 
 
 class OpenAIPolicy:
