@@ -67,6 +67,102 @@ class Policy(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Which weights `policy.model` names, resolved against the run: shared by the local policies.
+
+    `run`: the run dir's trained model (a LoRA `adapter` over the base model, or full `weights` saved there);
+    `base`: the untrained base model (the "no finetuning" row); anything else: a model folder or Hub name.
+    """
+
+    keyword: str
+    spec: Any  # atlas_exp.models.ModelSpec of the run's base model
+    cache_dir: str
+    adapter: str | None = None
+    weights: str | None = None
+    tokenizer_dir: str | None = None
+
+    @classmethod
+    def resolve(cls, context: PolicyContext, model: str) -> "ModelSource":
+        from atlas_exp.models import ModelSpec
+
+        spec = ModelSpec.from_cfg(context.model_cfg)
+        run_dir = Path(context.run_model_dir)
+        if model == "run":
+            tok_dir = str(run_dir) if (run_dir / "tokenizer_config.json").exists() else None
+            if (run_dir / "adapter_config.json").exists():
+                return cls(model, spec, context.cache_dir, adapter=str(run_dir), tokenizer_dir=tok_dir)
+            if (run_dir / "config.json").exists():
+                return cls(model, spec, context.cache_dir, weights=str(run_dir), tokenizer_dir=tok_dir)
+            raise ConfigError(
+                f"policy.model=run: no trained model in {run_dir} (run the train stage first, or set "
+                "policy.model=base to evaluate the untrained base model)"
+            )
+        if model == "base":
+            return cls(model, spec, context.cache_dir)
+        return cls(model, spec, context.cache_dir, weights=model, tokenizer_dir=model)
+
+    @property
+    def base_path(self) -> str:
+        """The base model as a folder `from_pretrained` (and vLLM) can load (GGUF converted once)."""
+        from atlas_exp.models import materialize
+
+        return materialize(self.spec, self.cache_dir)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.keyword, "base": self.spec.name}
+        if self.adapter:
+            out["adapter"] = self.adapter
+        if self.weights:
+            out["weights"] = self.weights
+        return out
+
+    def tokenizer(self):
+        """The tokenizer the model was trained with, with a chat template (an error naming the option if none)."""
+        from atlas_exp.models import load_tokenizer
+
+        if self.tokenizer_dir is None:
+            tok = load_tokenizer(self.spec, self.cache_dir)
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            except OSError as e:
+                raise ConfigError(f"policy.model={self.keyword!r}: no tokenizer at {self.tokenizer_dir} ({e})") from None
+            if self.spec.chat_template and self.keyword == "run":
+                tok.chat_template = self.spec.chat_template
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        if tok.chat_template is None:
+            raise ConfigError(f"policy.model={self.keyword!r}: the tokenizer has no chat template; set model.chat_template")
+        return tok
+
+
+def encode_chat(tokenizer: Any, conversation: list[Message]) -> list[int]:
+    """The prompt tokens of a conversation, ending with the assistant turn's header (as in training)."""
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The end-of-turn tokens: eos plus the template's own turn terminator when it differs (<|eot_id|>)."""
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(x, int):
+            ids.add(x)
+        elif isinstance(x, (list, tuple)):
+            ids.update(int(i) for i in x)
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+        if tok in vocab:
+            ids.add(int(vocab[tok]))
+    return sorted(ids)
+
+
 def _device() -> str:
     import torch
 
@@ -98,7 +194,7 @@ class HFPolicy:
     ):
         import torch
 
-        from atlas_exp.models import ModelSpec, load_model, load_tokenizer
+        from atlas_exp.models import load_model
 
         if max_new_tokens < 1:
             raise ConfigError(f"policy.max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -113,78 +209,35 @@ class HFPolicy:
             torch_dtype = getattr(torch, dtype, None)
             if not isinstance(torch_dtype, torch.dtype):
                 raise ConfigError(f"policy.dtype={dtype!r} is not a torch dtype (auto | bfloat16 | float16 | float32)")
-        spec = ModelSpec.from_cfg(context.model_cfg)
-        run_dir = Path(context.run_model_dir)
-        self.source: dict[str, Any] = {"model": model, "base": spec.name}
-        if model == "run":
-            if (run_dir / "adapter_config.json").exists():
-                from peft import PeftModel
+        src = ModelSource.resolve(context, model)
+        self.source = src.describe()
+        if src.adapter is not None:
+            from peft import PeftModel
 
-                base = load_model(spec, context.cache_dir, dtype=torch_dtype)
-                # merged once: generation then runs at the base model's speed
-                self.model = PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload()
-                self.source["adapter"] = str(run_dir)
-            elif (run_dir / "config.json").exists():
-                from transformers import AutoModelForCausalLM
-
-                self.model = AutoModelForCausalLM.from_pretrained(str(run_dir), dtype=torch_dtype)
-                self.source["weights"] = str(run_dir)
-            else:
-                raise ConfigError(
-                    f"policy.model=run: no trained model in {run_dir} (run the train stage first, or set "
-                    "policy.model=base to evaluate the untrained base model)"
-                )
-            tok_dir = run_dir if (run_dir / "tokenizer_config.json").exists() else None
-        elif model == "base":
-            self.model = load_model(spec, context.cache_dir, dtype=torch_dtype)
-            tok_dir = None
-        else:
+            base = load_model(src.spec, context.cache_dir, dtype=torch_dtype)
+            # merged once: generation then runs at the base model's speed
+            self.model = PeftModel.from_pretrained(base, src.adapter).merge_and_unload()
+        elif src.weights is not None:
             from transformers import AutoModelForCausalLM
 
             try:
-                self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+                self.model = AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch_dtype)
             except OSError as e:
                 raise ConfigError(f"policy.model={model!r}: not a run/base keyword, a model folder or a Hub name ({e})") from None
-            tok_dir = model
-        if tok_dir is not None:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-            if spec.chat_template and model == "run":
-                self.tokenizer.chat_template = spec.chat_template
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
         else:
-            self.tokenizer = load_tokenizer(spec, context.cache_dir)
-        if self.tokenizer.chat_template is None:
-            raise ConfigError(f"policy.model={model!r}: the tokenizer has no chat template; set model.chat_template")
+            self.model = load_model(src.spec, context.cache_dir, dtype=torch_dtype)
+        self.tokenizer = src.tokenizer()
         self.tokenizer.padding_side = "left"
         self.model.to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_context = int(min(max_context, limit) if max_context else limit)
-        self.stop_ids = self._stop_token_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0}
         # sliding-window / recurrent caches cannot be re-laid out row by row: those models prefill every turn
         self.prefix_cache = PrefixCache() if reuse_kv_cache and _plain_attention(self.model) else None
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version's models take
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         torch.manual_seed(context.seed)
-
-    def _stop_token_ids(self) -> list[int]:
-        """The end-of-turn tokens: eos plus the template's own turn terminator when it differs (<|eot_id|>)."""
-        ids = set()
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for x in (self.tokenizer.eos_token_id, gen_eos):
-            if isinstance(x, int):
-                ids.add(x)
-            elif isinstance(x, (list, tuple)):
-                ids.update(int(i) for i in x)
-        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None and tid >= 0:
-                if tok in self.tokenizer.get_vocab():
-                    ids.add(tid)
-        return sorted(ids)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -197,10 +250,7 @@ class HFPolicy:
         }
 
     def encode(self, conversation: list[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self.tokenizer, conversation)
 
     def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]:
         out: list[str | NoReply] = [NoReply("context_limit", f"prompt + {self.max_new_tokens} new tokens > {self.max_context}")] * len(conversations)

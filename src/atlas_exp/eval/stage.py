@@ -120,12 +120,15 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     training summary, which changes whenever training reruns)."""
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     assert isinstance(pol, dict)
-    pol.pop("batch_size", None)  # how replies are batched is not part of what they are
+    # how replies are batched, cached and placed on devices is not part of what they are
+    for key in ("batch_size", "reuse_kv_cache", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
+        pol.pop(key, None)
     cap = _reply_cap(cfg)
     if cap:
         pol["max_new_tokens"] = cap
     out: dict[str, Any] = {"policy": pol}
-    if pol.get("model", "run") in ("run", "base") and "HFPolicy" in str(pol.get("_target_", "")):
+    local = str(pol.get("_target_", "")).endswith(("HFPolicy", "VLLMPolicy"))  # they load cfg.model's weights
+    if pol.get("model", "run") in ("run", "base") and local:
         out["base_model"] = OmegaConf.to_container(cfg.model, resolve=True)
     if pol.get("model") == "run":
         out["trained"] = file_fingerprint(rd.training_summary) if rd.training_summary.exists() else None
