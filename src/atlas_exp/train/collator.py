@@ -1,4 +1,15 @@
-"""Batching masked examples: right-pad input_ids with the pad token and labels with -100."""
+"""Batching masked examples: padded rows, or one packed row with per-sequence attention boundaries.
+
+- Padded (default): input_ids right-padded with the pad token, labels with -100, an attention mask.
+- Packed (`train.packing`): the micro-batch's sequences laid end to end in one row, no padding at all.
+  `position_ids` restart at 0 for each sequence and no attention mask is passed, from which transformers
+  builds a block-diagonal causal mask (and FlashAttention its varlen boundaries): no token attends across
+  sequences (tests/test_packing.py proves the logits equal each sequence's alone). The first label of each
+  sequence is -100 so that no sequence is trained to predict the next one's first token.
+- `supervised_logits_only`: also hand the model `logits_to_keep`, a boolean mask of the positions whose next
+  token is supervised, so that the vocabulary projection (and its softmax) runs only where the loss needs
+  it: at ratio 0.3 that is a small share of the tokens. The loss is then `supervised_loss` (train/loss.py).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +18,28 @@ from typing import Any
 
 import torch
 
+from atlas_exp.train.loss import next_token_supervised
+
 
 @dataclass
 class MaskedCollator:
-    """Pads a list of {"input_ids", "labels"} to the longest in the batch (optionally to a multiple of
-    `pad_to_multiple_of`, which helps tensor cores on GPU). Padding is never attended nor supervised."""
+    """Collates a list of {"input_ids", "labels"}; padding is never attended nor supervised.
+
+    `pad_to_multiple_of` (padded mode) rounds the row length up, which helps tensor cores on a GPU.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    pack: bool = False
+    supervised_logits_only: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._packed(features) if self.pack else self._padded(features)
+        if self.supervised_logits_only:
+            batch["logits_to_keep"] = next_token_supervised(batch["labels"])
+        return batch
+
+    def _padded(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -31,3 +54,15 @@ class MaskedCollator:
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[i, :k] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            k = len(f["input_ids"])
+            ids.append(torch.as_tensor(f["input_ids"], dtype=torch.long))
+            lab = torch.as_tensor(f["labels"], dtype=torch.long).clone()
+            lab[0] = -100  # the boundary: the previous sequence's last token does not predict this one
+            labels.append(lab)
+            positions.append(torch.arange(k, dtype=torch.long))
+        return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+                "position_ids": torch.cat(positions)[None]}

@@ -153,6 +153,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
 
     from atlas_exp.selectors.stage import read_selections, read_trajectories
     from atlas_exp.train.collator import MaskedCollator
+    from atlas_exp.train.loss import supervised_loss
     from atlas_exp.train.masking import build_examples
 
     t0 = time.time()
@@ -250,11 +251,15 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
                     wandb.run.config.update({"atlas": OmegaConf.to_container(cfg, resolve=True)}, allow_val_change=True)
                     wandb.run.summary.update(run_stats)
 
+    supervised_only = bool(tc.get("supervised_logits_only", False))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
-        data_collator=MaskedCollator(pad_token_id=tok.pad_token_id),
+        data_collator=MaskedCollator(pad_token_id=tok.pad_token_id, pack=bool(tc.get("packing", False)),
+                                     supervised_logits_only=supervised_only),
+        # with logits only at supervised positions the model cannot compute its own loss; this is the same loss
+        compute_loss_func=supervised_loss if supervised_only else None,
         processing_class=tok,
         callbacks=[_LogRunStats(), _CountSteps()],
     )
