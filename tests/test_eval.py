@@ -339,6 +339,41 @@ def test_episode_specs():
         _episodes("t", {"first": 1})
 
 
+def test_openai_policy_errors_name_the_policy_option(tmp_path, monkeypatch):
+    """An endpoint that refuses the key stops the evaluation with an error naming `policy`, not the oracle's option."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.eval.policy import OpenAIPolicy
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.dumps({"error": {"message": "invalid api key", "type": "invalid_request_error"}}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ATLAS_TEST_KEY", "sk-wrong")
+    try:
+        ctx = PolicyContext(model_cfg={}, run_model_dir=tmp_path, cache_dir=str(tmp_path))
+        policy = OpenAIPolicy(context=ctx, model="m", base_url=f"http://127.0.0.1:{httpd.server_port}/v1",
+                              api_key_env="ATLAS_TEST_KEY", max_retries=0)
+        with pytest.raises(ConfigError, match=r"^policy: .* refused the key from \$ATLAS_TEST_KEY") as e:
+            policy.generate([[{"role": "user", "content": "hi"}]])
+        assert "sk-wrong" not in str(e.value)
+        policy.close()
+    finally:
+        httpd.shutdown()
+
+
 @pytest.mark.slow
 def test_openai_policy_against_a_real_llama_cpp_server(tmp_path):
     """`policy=openai` plays through any OpenAI-compatible endpoint: here llama.cpp's server on the SmolLM2

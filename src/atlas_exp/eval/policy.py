@@ -360,7 +360,7 @@ class OpenAIPolicy:
             model=self.model_name, base_url=base_url, api_key=api_key, api_key_env=api_key_env,
             temperature=float(temperature), max_tokens=int(max_new_tokens), timeout=float(timeout),
             max_retries=int(max_retries), response_format="none", seed=context.seed, prices=prices or {},
-            cache_path=cache_path,
+            cache_path=cache_path, option="policy",
         )
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)

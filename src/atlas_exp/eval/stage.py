@@ -278,7 +278,8 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
         "fingerprint": run_fp,
         "run_dir": str(rd.root),
         "eval": str(cfg.eval.get("name", "")),
-        "policy": policy_info or _previous_policy(rd, run_fp),
+        # nothing played in this call (every episode file was already there): the config says what played them
+        "policy": policy_info or {"played_in_an_earlier_call": True, **model_fp["policy"]},
         "model": model_fp,
         "selection": _json_or_empty(rd.selection_summary, ("selector", "ratio", "achieved_ratio", "n_steps", "n_selected")),
         "training": _json_or_empty(rd.training_summary, ("mode", "model", "global_step", "train_loss", "world_size")),
@@ -298,15 +299,3 @@ def _json_or_empty(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return {k: d[k] for k in keys if k in d}
-
-
-def _previous_policy(rd: RunDir, run_fp: str) -> dict[str, Any]:
-    """On a rerun with nothing left to play, keep the policy description of the run that played it."""
-    if rd.results.exists():
-        try:
-            prev = json.loads(rd.results.read_text())
-            if prev.get("fingerprint") == run_fp:
-                return prev.get("policy") or {}
-        except json.JSONDecodeError:
-            pass
-    return {}

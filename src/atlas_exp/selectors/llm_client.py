@@ -93,7 +93,7 @@ def strip_bounds(schema: Any) -> Any:
     return schema
 
 
-def price_for(model: str, prices: dict[str, Any]) -> tuple[float, float] | None:
+def price_for(model: str, prices: dict[str, Any], option: str = "selector.client") -> tuple[float, float] | None:
     """(USD per 1M prompt tokens, per 1M completion tokens): the exact model name, else the longest
     table entry it starts with (so `gpt-4o-mini-2024-07-18` finds `gpt-4o-mini`); None if unknown."""
     if not prices:
@@ -109,7 +109,7 @@ def price_for(model: str, prices: dict[str, Any]) -> tuple[float, float] | None:
         return float(entry["prompt"]), float(entry["completion"])
     except (KeyError, TypeError, ValueError):
         raise ConfigError(
-            f"selector.client.prices[{model!r}] must be {{prompt: USD per 1M tokens, completion: USD per 1M tokens}}"
+            f"{option}.prices[{model!r}] must be {{prompt: USD per 1M tokens, completion: USD per 1M tokens}}"
         ) from None
 
 
@@ -253,17 +253,20 @@ class ChatClient:
         extra_body: dict[str, Any] | None = None,
         prices: dict[str, Any] | None = None,
         cache_path: str | os.PathLike | None = None,
+        option: str = "selector.client",
     ):
+        #: the config node these settings come from, named in every error (the oracle's or policy=openai's)
+        self.option = option
         try:
             import openai
         except ImportError:  # pragma: no cover - openai is a requirement
-            raise ConfigError("selector=oracle needs the `openai` package: pip install openai") from None
+            raise ConfigError(f"{option} needs the `openai` package: pip install openai") from None
         if response_format not in FORMAT_OPTIONS:
             raise ConfigError(
-                f"selector.client.response_format must be one of {FORMAT_OPTIONS}, got {response_format!r}"
+                f"{option}.response_format must be one of {FORMAT_OPTIONS}, got {response_format!r}"
             )
         if max_retries < 0 or timeout <= 0 or backoff_base < 0:
-            raise ConfigError("selector: max_retries >= 0, client.timeout > 0 and client.backoff_base >= 0 are required")
+            raise ConfigError(f"{option}: max_retries >= 0, timeout > 0 and backoff_base >= 0 are required")
         self._openai = openai
         self.model = str(model)
         self.base_url = base_url
@@ -291,9 +294,9 @@ class ChatClient:
         self._closed = threading.Event()
         if prices is None:
             prices = DEFAULT_PRICES
-        price = price_for(self.model, prices)
+        price = price_for(self.model, prices, option=option)
         if price is None and prices:
-            log.warning("oracle: no price for model %r in selector.client.prices; cost is shown as 0", self.model)
+            log.warning("%s: no price for model %r in %s.prices; cost is shown as 0", option, self.model, option)
         self.stats = Stats(price)
         # the openai package's own retries are off: retries happen (and are counted) here
         self._client = openai.OpenAI(
@@ -425,13 +428,13 @@ class ChatClient:
             except (oa.AuthenticationError, oa.PermissionDeniedError) as e:
                 self.stats.error(str(e.status_code))
                 raise ConfigError(
-                    f"selector.client: {self.base_url or 'the OpenAI API'} refused the key from "
+                    f"{self.option}: {self.base_url or 'the OpenAI API'} refused the key from "
                     f"${self.api_key_env} ({e.status_code}); check the key and base_url"
                 ) from None
             except oa.NotFoundError:
                 self.stats.error("404")
                 raise ConfigError(
-                    f"selector.client: model {self.model!r} or the chat endpoint was not found at "
+                    f"{self.option}: model {self.model!r} or the chat endpoint was not found at "
                     f"{self.base_url or 'the OpenAI API'} (404); check model and base_url"
                 ) from None
             except (oa.BadRequestError, oa.UnprocessableEntityError) as e:
