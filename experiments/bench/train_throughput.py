@@ -30,9 +30,11 @@ Why it is a fair comparison:
   both sides), each side in its own fresh child process (so each has its own memory peak), run one after
   the other, never at the same time; `--repeats R` alternates the order and reports medians.
 
-Not identical, by design of each library (see `notes` in the JSON): TRL computes its loss with a fused LM
-head and logs entropy / token accuracy every step; the transformers Trainer under ours materialises the
-full logits and uses the model's own loss. That is exactly what is being compared.
+Not identical, by design of each library (see `notes` in the JSON): TRL computes its loss with its own LM
+head path and logs entropy / token accuracy every step; ours (train.supervised_logits_only, the default)
+projects onto the vocabulary only the positions whose next token is supervised and computes the same
+cross-entropy there (tests/test_packing.py proves loss and gradients equal). That is exactly what is being
+compared.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def worker_trl(args) -> dict:
     from atlas_exp.pipeline import RunDir
     from atlas_exp.selectors.stage import read_selections, read_trajectories
     from atlas_exp.train.masking import build_examples
+    from atlas_exp.train.trainer import optimisation_arguments
 
     cfg = compose(_overrides(args))
     tc = cfg.train
@@ -105,28 +108,13 @@ def worker_trl(args) -> dict:
     target = lc.target_modules
     target = list(target) if OmegaConf.is_list(target) else str(target)
     peft_config = LoraConfig(r=int(lc.r), lora_alpha=int(lc.alpha), lora_dropout=float(lc.dropout), target_modules=target, task_type="CAUSAL_LM")
-    warm = float(tc.warmup_ratio)
     sft = SFTConfig(
+        # the very values our trainer passes to its TrainingArguments (precision: fp32 on CPU, as ours resolves)
+        **optimisation_arguments(cfg, "fp32"),
         output_dir=str(Path(args.run_dir) / "trl_out"),
-        num_train_epochs=float(tc.epochs),
-        max_steps=int(tc.max_steps),
-        per_device_train_batch_size=int(tc.per_device_batch_size),
-        gradient_accumulation_steps=int(tc.grad_accum),
-        learning_rate=float(tc.lr),
-        lr_scheduler_type=str(tc.lr_scheduler),
-        warmup_steps=warm if warm < 1 else int(warm),
-        weight_decay=float(tc.weight_decay),
-        max_grad_norm=float(tc.max_grad_norm),
-        bf16=False,
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=bool(tc.gradient_checkpointing),
-        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
-        logging_steps=int(tc.logging_steps),
         save_strategy="no",
         report_to="none",
-        seed=int(cfg.seed),
-        dataloader_num_workers=int(tc.dataloader_num_workers),
         disable_tqdm=True,
         # train on exactly our labels: no packing, no padding-free, no re-tokenizing
         packing=False,
@@ -245,12 +233,17 @@ def main() -> None:
         common.comparison("peak RSS during train()", figs["ours"]["peak_rss_mb"], figs["trl"]["peak_rss_mb"],
                           op=None, target=None, unit="MB", baseline_label="TRL SFTTrainer"),
     ]
+    from atlas_exp.config import compose
+
+    supervised_only = bool(compose(_overrides(args)).train.get("supervised_logits_only", False))
     notes = [
         "Timed: trainer.train() only, each side in its own child process, one after the other; "
         f"{args.repeats} run(s) per side, medians. Threads: {args.threads}.",
         "Same batches in the same order: " + ("verified by sha1 of every batch's input_ids and labels" if same_batches else "NOT verified: the batch digests differ"),
-        "TRL's loss uses its fused LM head and it logs entropy / mean token accuracy at every step; ours uses the "
-        "model's own causal-LM loss over full logits. These are each library's normal code paths.",
+        "TRL's loss uses its own LM head path and it logs entropy / mean token accuracy at every step; ours "
+        + ("projects only the supervised positions onto the vocabulary (train.supervised_logits_only=true, the default)"
+           if supervised_only else "uses the model's own causal-LM loss over full logits (train.supervised_logits_only=false)")
+        + ". These are each library's normal code paths.",
         "Peak memory is the RSS of the whole child process (model, optimizer state, Python, torch allocator caches), "
         "sampled every 20 ms during train(); it is a lower bound on the true peak.",
         "The issue sets the target on throughput only; the memory row is informational.",

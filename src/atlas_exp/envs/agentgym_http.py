@@ -142,16 +142,17 @@ class AgentGymDialect:
     """
 
     env: str
-    #: AgentGym package that serves it, and the command that starts it (shown when it cannot be reached)
-    server: str
-    launch: str
-    #: AgentTraj-L file whose records give the instruction and client-side preamble, and the item id
-    #: prefixes of its records (`webshop_12` -> data index 12)
-    data_file: str
-    item_prefixes: tuple[str, ...]
     first_observation: FirstObservation
     action_style: ActionStyle
     success: SuccessRule
+    #: AgentGym package that serves it, and the command that starts it (shown when it cannot be reached);
+    #: by default `agentenv-<env>` and `<env> --host 127.0.0.1 --port 36001`
+    server: str = ""
+    launch: str = ""
+    #: AgentTraj-L file whose records give the instruction and client-side preamble (default `<env>.jsonl`),
+    #: and the item id prefixes of its records (default `<env>_`: `webshop_12` -> data index 12)
+    data_file: str = ""
+    item_prefixes: tuple[str, ...] = ()
     path_prefix: str = ""
     #: the field that names the server-side env in every request after `/create`
     id_field: str = "id"
@@ -177,14 +178,18 @@ class AgentGymDialect:
     #: the instruction without reading the data file, where we have it verbatim
     builtin_instruction: Callable[[], str] | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        defaults = {"server": f"agentenv-{self.env}", "launch": f"{self.env} --host 127.0.0.1 --port 36001",
+                    "data_file": f"{self.env}.jsonl", "item_prefixes": (f"{self.env}_",)}
+        for name, value in defaults.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+
 
 def _tool(env: str, *, replace: tuple[str, str] | None) -> AgentGymDialect:
     return AgentGymDialect(
         env=env,
         server="agentenv-tool",
-        launch=f"{env} --host 127.0.0.1 --port 36001",
-        data_file=f"{env}.jsonl",
-        item_prefixes=(f"{env}_",),
         first_observation=FirstObservation.RESET,
         action_style=ActionStyle.FULL_REPLY,
         success=SuccessRule.REWARD_ONE,
@@ -200,10 +205,6 @@ def _tool(env: str, *, replace: tuple[str, str] | None) -> AgentGymDialect:
 DIALECTS: dict[str, AgentGymDialect] = {
     "textcraft": AgentGymDialect(
         env="textcraft",
-        server="agentenv-textcraft",
-        launch="textcraft --host 127.0.0.1 --port 36001",
-        data_file="textcraft.jsonl",
-        item_prefixes=("textcraft_",),
         first_observation=FirstObservation.RESET,
         action_style=ActionStyle.TEXTCRAFT,
         success=SuccessRule.REWARD_ONE,
@@ -215,10 +216,6 @@ DIALECTS: dict[str, AgentGymDialect] = {
     ),
     "webshop": AgentGymDialect(
         env="webshop",
-        server="agentenv-webshop",
-        launch="webshop --host 127.0.0.1 --port 36001",
-        data_file="webshop.jsonl",
-        item_prefixes=("webshop_",),
         first_observation=FirstObservation.GET_OBSERVATION,
         action_style=ActionStyle.REACT_LAST,
         success=SuccessRule.REWARD_ONE,
@@ -232,7 +229,6 @@ DIALECTS: dict[str, AgentGymDialect] = {
         env="maze",
         server="agentenv-lmrlgym",
         launch="lmrlgym --host 127.0.0.1 --port 36001",
-        data_file="maze.jsonl",
         item_prefixes=("lmrlgym_maze_", "maze_"),
         first_observation=FirstObservation.PREAMBLE_AND_RESET,
         action_style=ActionStyle.AFTER_FIRST_MARK,
@@ -246,7 +242,6 @@ DIALECTS: dict[str, AgentGymDialect] = {
         env="wordle",
         server="agentenv-lmrlgym",
         launch="lmrlgym --host 127.0.0.1 --port 36001",
-        data_file="wordle.jsonl",
         item_prefixes=("lmrlgym_wordle_", "wordle_"),
         first_observation=FirstObservation.PREAMBLE_ONLY,
         action_style=ActionStyle.AFTER_FIRST_MARK,
@@ -260,10 +255,6 @@ DIALECTS: dict[str, AgentGymDialect] = {
     "todo": _tool("todo", replace=None),
     "babyai": AgentGymDialect(
         env="babyai",
-        server="agentenv-babyai",
-        launch="babyai --host 127.0.0.1 --port 36001",
-        data_file="babyai.jsonl",
-        item_prefixes=("babyai_",),
         first_observation=FirstObservation.RESET,
         action_style=ActionStyle.AFTER_FIRST_MARK,
         success=SuccessRule.DONE_ABOVE_HALF,
@@ -272,20 +263,12 @@ DIALECTS: dict[str, AgentGymDialect] = {
     ),
     "sciworld": AgentGymDialect(
         env="sciworld",
-        server="agentenv-sciworld",
-        launch="sciworld --host 127.0.0.1 --port 36001",
-        data_file="sciworld.jsonl",
-        item_prefixes=("sciworld_",),
         first_observation=FirstObservation.TASK_AND_OBSERVATION,
         action_style=ActionStyle.AFTER_FIRST_MARK,
         success=SuccessRule.SCORE_100,
     ),
     "sqlgym": AgentGymDialect(
         env="sqlgym",
-        server="agentenv-sqlgym",
-        launch="sqlgym --host 127.0.0.1 --port 36001",
-        data_file="sqlgym.jsonl",
-        item_prefixes=("sqlgym_",),
         first_observation=FirstObservation.GET_OBSERVATION,
         action_style=ActionStyle.SQL_BLOCK,
         success=SuccessRule.REWARD_ONE,

@@ -147,6 +147,35 @@ def _selection_stats(rd: RunDir) -> dict[str, Any]:
     return {}
 
 
+def optimisation_arguments(cfg: DictConfig, precision: str) -> dict[str, Any]:
+    """The TrainingArguments that decide what is learned (schedule, batch, precision, order, seed).
+
+    One definition for the trainer and for the benchmarks that compare it with other trainers
+    (experiments/bench/train_throughput.py hands the same values to TRL's SFTConfig), so that a comparison
+    is fair by construction. Where checkpoints go and what is logged are the trainer's own business.
+    """
+    tc = cfg.train
+    warm = float(tc.warmup_ratio)
+    return {
+        "num_train_epochs": float(tc.epochs),
+        "max_steps": int(tc.max_steps),
+        "per_device_train_batch_size": int(tc.per_device_batch_size),
+        "gradient_accumulation_steps": int(tc.grad_accum),
+        "learning_rate": float(tc.lr),
+        "lr_scheduler_type": str(tc.lr_scheduler),
+        "warmup_steps": warm if warm < 1 else int(warm),
+        "weight_decay": float(tc.weight_decay),
+        "max_grad_norm": float(tc.max_grad_norm),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": not torch.cuda.is_available(),
+        "train_sampling_strategy": "group_by_length" if tc.group_by_length else "random",
+        "logging_steps": int(tc.logging_steps),
+        "seed": int(cfg.seed),
+        "dataloader_num_workers": int(tc.dataloader_num_workers),
+    }
+
+
 def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     """Train on this process (one rank of a torchrun job, or alone). Only rank 0 writes artifacts."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -196,31 +225,15 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     # 3. the Trainer
     report_to = _wandb_env(cfg, rd)
     ds_cfg = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.enabled else None
-    warm = float(tc.warmup_ratio)
     args = TrainingArguments(
+        **optimisation_arguments(cfg, precision),
         output_dir=str(rd.checkpoints),
         run_name=f"{cfg.experiment_name}/{rd.root.name}",
-        num_train_epochs=float(tc.epochs),
-        max_steps=int(tc.max_steps),
-        per_device_train_batch_size=int(tc.per_device_batch_size),
-        gradient_accumulation_steps=int(tc.grad_accum),
-        learning_rate=float(tc.lr),
-        lr_scheduler_type=str(tc.lr_scheduler),
-        warmup_steps=warm if warm < 1 else int(warm),
-        weight_decay=float(tc.weight_decay),
-        max_grad_norm=float(tc.max_grad_norm),
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
-        logging_steps=int(tc.logging_steps),
         save_strategy="steps",
         save_steps=int(tc.save_steps),
         save_total_limit=int(tc.save_total_limit) if tc.save_total_limit else None,
         report_to=report_to,
-        seed=int(cfg.seed),
         deepspeed=ds_cfg,
-        dataloader_num_workers=int(tc.dataloader_num_workers),
         remove_unused_columns=False,
         ddp_find_unused_parameters=False if world_size() > 1 else None,
         disable_tqdm=not is_main,
