@@ -18,6 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 BENCHMARKS = ["train_throughput", "critical_step_compute", "select_throughput", "eval_throughput", "oracle_cost"]
+#: run only where a GPU is (on a CPU its default size, an 8B model, would not finish)
+GPU_BENCHMARKS = ["gpu_train"]
+
+
+def has_gpu() -> bool:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
 
 
 def main() -> None:
@@ -31,10 +39,14 @@ def main() -> None:
     args = p.parse_args()
     only = [b for b in args.only.split(",") if b]
     skip = {b for b in args.skip.split(",") if b}
-    unknown = (set(only) | skip) - set(BENCHMARKS)
+    known = BENCHMARKS + GPU_BENCHMARKS
+    unknown = (set(only) | skip) - set(known)
     if unknown:
-        p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
-    todo = [b for b in (only or BENCHMARKS) if b not in skip]
+        p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(known)}")
+    default = BENCHMARKS + (GPU_BENCHMARKS if has_gpu() else [])
+    if not only and not has_gpu():
+        print(f"no GPU here: {', '.join(GPU_BENCHMARKS)} left out (run it with --only on a GPU machine)")
+    todo = [b for b in (only or default) if b not in skip]
 
     times: dict[str, tuple[int, float]] = {}
     for name in todo:
