@@ -4,8 +4,10 @@ The evaluation loop (`eval/rollout.py`) keeps many episodes in flight and asks t
 next turns at once, so a policy's one job is `generate(conversations) -> replies`, batched:
 
 - `HFPolicy`: a transformers causal LM (the run's finetuned model by default: base + LoRA adapter, merged
-  for speed, or the full finetuned weights), greedy by default, left-padded batched `generate`. Batching is
-  what makes CPU evaluation of a 135M model bearable and GPU evaluation of an 8B model cheap.
+  for speed, or the full finetuned weights), greedy by default, left-padded batched `generate`, each
+  episode's keys/values kept between turns (`eval/prefix_cache.py`) so that a turn prefills only what it
+  adds. Batching is what makes CPU evaluation of a 135M model bearable and GPU evaluation of an 8B model cheap.
+- `VLLMPolicy` (`eval/vllm_policy.py`): the same model on an in-process vLLM engine, for GPU machines.
 - `OpenAIPolicy`: any OpenAI-compatible chat endpoint (vLLM, llama.cpp, OpenAI), N requests in flight,
   with the oracle's client (retries with backoff, disk cache keyed by the prompt, token counts).
 
@@ -175,6 +177,8 @@ class HFPolicy:
     `model`: `run` (the run dir's trained model: the adapter in `<run_dir>/model` over the base model, or
     the full weights saved there), `base` (the untrained base model: the "no finetuning" row), or a path /
     Hub name of any causal LM. `max_context` caps prompt + reply tokens (default: the model's own limit).
+    `reuse_kv_cache` keeps each conversation's keys/values for its next turn (exact; off only to measure it,
+    and off by itself for sliding-window or recurrent models).
     """
 
     name = "hf"
@@ -223,7 +227,9 @@ class HFPolicy:
             try:
                 self.model = AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch_dtype)
             except OSError as e:
-                raise ConfigError(f"policy.model={model!r}: not a run/base keyword, a model folder or a Hub name ({e})") from None
+                what = f"the run's weights in {src.weights} do not load" if model == "run" else \
+                    "not a run/base keyword, a model folder or a Hub name"
+                raise ConfigError(f"policy.model={model!r}: {what} ({e})") from None
         else:
             self.model = load_model(src.spec, context.cache_dir, dtype=torch_dtype)
         self.tokenizer = src.tokenizer()
