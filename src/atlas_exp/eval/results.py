@@ -15,7 +15,9 @@ from typing import Any, Iterable
 
 #: metrics a task can report as its headline number
 METRICS = ("success", "score")
-SPLITS = ("held_in", "held_out")
+#: held_in / held_out: agent success in environments, as the paper reports it; offline: teacher-forced
+#: expert-step reproduction (eval/expert_steps.py), reported beside them, never averaged with them
+SPLITS = ("held_in", "held_out", "offline")
 
 
 @dataclass(frozen=True)

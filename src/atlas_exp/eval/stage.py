@@ -36,6 +36,7 @@ from atlas_exp.artifacts import (
 from atlas_exp.config import build
 from atlas_exp.envs.base import Env
 from atlas_exp.errors import ConfigError
+from atlas_exp.eval.expert_steps import ExpertTrajectories, local_model, score_trajectory
 from atlas_exp.eval.policy import Policy, PolicyContext
 from atlas_exp.eval.results import METRICS, SPLITS, TaskInfo, format_table, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
@@ -51,9 +52,14 @@ class EvalTask:
     name: str
     split: str
     metric: str
+    #: the env config (agent tasks) or `{"kind": "expert_steps", "trajectories": <source config>}`
     env_cfg: dict[str, Any]
     episodes: list[int | str]
     max_turns: int
+
+    @property
+    def kind(self) -> str:
+        return str(self.env_cfg.get("kind", "agent"))
 
     def info(self, env_name: str) -> TaskInfo:
         return TaskInfo(self.name, env_name, self.split, self.metric, len(self.episodes))
@@ -98,9 +104,17 @@ def build_tasks(cfg: DictConfig) -> list[EvalTask]:
         metric = str(t.get("metric", "success"))
         if metric not in METRICS:
             raise ConfigError(f"eval.tasks.{name}.metric={metric!r}: choose one of {', '.join(METRICS)}")
-        if not t.get("env") or "_target_" not in t.env:
-            raise ConfigError(f"eval.tasks.{name}.env needs a _target_ (an atlas_exp.envs class)")
-        env_cfg = OmegaConf.to_container(t.env, resolve=True)
+        kind = str(t.get("kind", "agent"))
+        if kind == "expert_steps":
+            if not t.get("trajectories") or "_target_" not in t.trajectories:
+                raise ConfigError(f"eval.tasks.{name}.trajectories needs a _target_ (a data source, as in data.sources)")
+            env_cfg = {"kind": kind, "trajectories": OmegaConf.to_container(t.trajectories, resolve=True)}
+        elif kind == "agent":
+            if not t.get("env") or "_target_" not in t.env:
+                raise ConfigError(f"eval.tasks.{name}.env needs a _target_ (an atlas_exp.envs class)")
+            env_cfg = OmegaConf.to_container(t.env, resolve=True)
+        else:
+            raise ConfigError(f"eval.tasks.{name}.kind={kind!r}: choose agent (an env, the default) or expert_steps")
         turns = int(t.get("max_turns") or default_turns)
         if turns < 1:
             raise ConfigError(f"eval.tasks.{name}.max_turns must be >= 1")
@@ -120,8 +134,8 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     training summary, which changes whenever training reruns)."""
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     assert isinstance(pol, dict)
-    # how replies are batched, cached and placed on devices is not part of what they are
-    for key in ("batch_size", "reuse_kv_cache", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
+    # how replies are batched and placed on devices is not part of what they are
+    for key in ("batch_size", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
         pol.pop(key, None)
     cap = _reply_cap(cfg)
     if cap:
@@ -227,7 +241,10 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
         return
     done_keys = {(r["task"], r["episode"]) for r in done}
     todo = [EpisodeTask(t.name, e) for t in tasks for e in t.episodes if (t.name, str(e)) not in done_keys]
-    env_names = {t.name: str(t.env_cfg["_target_"]).rsplit(".", 1)[-1] for t in tasks}
+    env_names = {t.name: (str(t.env_cfg["_target_"]).rsplit(".", 1)[-1] if t.kind == "agent" else t.kind) for t in tasks}
+    by_name = {t.name: t for t in tasks}
+    agent_todo = [x for x in todo if by_name[x.task].kind == "agent"]
+    expert_todo = [x for x in todo if by_name[x.task].kind == "expert_steps"]
     for r in done:
         env_names[r["task"]] = r["env"]
 
@@ -235,32 +252,46 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
     policy_info: dict[str, Any] = {}
     if todo:
         log.info("eval: %d episode(s) to play (%d already in %s)", len(todo), len(done), rd.eval_dir)
-        factories = {t.name: _env_factory(t) for t in tasks}
-        # build each env once now: a missing dependency or data folder fails before the model loads
+        factories = {t.name: _env_factory(t) for t in tasks if t.kind == "agent"}
+        # build each env (and each expert source) once now: a missing dependency or data folder fails
+        # before the model loads
         for t in tasks:
-            if any(x.task == t.name for x in todo):
+            if any(x.task == t.name for x in agent_todo):
                 factories[t.name]().close()
+        sources = {t.name: ExpertTrajectories(t.name, t.env_cfg["trajectories"]) for t in tasks if t.kind == "expert_steps"}
+        for x in expert_todo:
+            sources[x.task].get(x.episode)
         policy = build_policy(cfg, rd)
         policy_info = policy.describe()
+        if expert_todo:
+            local_model(policy, expert_todo[0].task)
         pool = EnvPool(factories)
         records = list(done)
         wins: dict[str, list[int]] = {}
         bar = tqdm(total=len(todo), desc="eval", unit="ep")
+
+        def finished(task: str, episode: str, rec: dict[str, Any]) -> None:
+            # one file per episode, written atomically the moment it ends: a crash loses only the
+            # episodes in flight, and each transcript can be read on its own
+            write_json(rd.eval_episode(task, episode), rec)
+            records.append(rec)
+            w = wins.setdefault(task, [0, 0])
+            w[0] += int(rec["success"])
+            w[1] += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{a}/{n}" for k, (a, n) in wins.items()}, refresh=False)
+
         try:
-            for res in run_episodes(todo, pool, policy, batch_size=int(cfg.eval.batch_size),
+            for res in run_episodes(agent_todo, pool, policy, batch_size=int(cfg.eval.batch_size),
                                     max_turns={t.name: t.max_turns for t in tasks},
                                     env_retries=int(cfg.eval.get("env_retries", 1))):
-                rec = {"fingerprint": fps[res.task], **res.to_dict()}
-                # one file per episode, written atomically the moment it ends: a crash loses only the
-                # episodes in flight, and each transcript can be read on its own
-                write_json(rd.eval_episode(res.task, res.episode), rec)
-                records.append(rec)
                 env_names[res.task] = res.env
-                w = wins.setdefault(res.task, [0, 0])
-                w[0] += int(res.success)
-                w[1] += 1
-                bar.update(1)
-                bar.set_postfix({k: f"{a}/{n}" for k, (a, n) in wins.items()}, refresh=False)
+                finished(res.task, res.episode, {"fingerprint": fps[res.task], **res.to_dict()})
+            for x in expert_todo:
+                model, tok, max_context = local_model(policy, x.task)
+                scored = score_trajectory(model, tok, sources[x.task].get(x.episode), max_context=max_context)
+                finished(x.task, str(x.episode), {"fingerprint": fps[x.task], "task": x.task, "episode": str(x.episode),
+                                                  "env": "expert_steps", **scored})
         finally:
             bar.close()
             pool.close()

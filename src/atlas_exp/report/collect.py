@@ -232,7 +232,7 @@ def parse_results(results: Mapping[str, Any], source: str) -> tuple[dict[str, Ta
     tasks: dict[str, TaskScore] = {}
     for name, t in tasks_in.items():
         if not isinstance(t, Mapping) or t.get("split") not in SPLITS:
-            raise AtlasError(f"{source}: task {name!r} has no split (held_in | held_out)")
+            raise AtlasError(f"{source}: task {name!r} has no split ({' | '.join(SPLITS)})")
         tasks[str(name)] = TaskScore(
             name=str(name), split=str(t["split"]), value=_num(t.get("value")), metric=t.get("metric"),
             env=t.get("env"), n=_int(t.get("n")),

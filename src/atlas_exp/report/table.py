@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from atlas_exp.eval.results import SPLITS
 from atlas_exp.report.collect import RunRow
 
-SPLIT_LABEL = {"held_in": "held-in", "held_out": "held-out"}
+SPLIT_LABEL = {"held_in": "held-in", "held_out": "held-out", "offline": "offline (expert steps)"}
 #: row order: the paper's order first (the baseline, the method, its ablations), then the rest by name
 SELECTOR_ORDER = ("all", "oracle", "random", "non_critical", "perplexity", "perplexity_delta", "hybrid")
 #: two ratios closer than this are the same row (0.3 from YAML and 0.30000000000000004 from arithmetic)
