@@ -57,13 +57,14 @@ def test_scores_are_what_generation_and_the_loss_say(model, smollm2_tokenizer, t
 def test_eval_stage_reports_expert_steps_as_the_offline_split(tmp_path):
     rd = tmp_path / "run"
     task = "eval.tasks.tc_steps"
-    p = app(f"run_dir={rd}", "stage=eval", "policy.model=base", "logger=none", "policy.max_new_tokens=8",
+    args = [f"run_dir={rd}", "stage=eval", "policy.model=base", "logger=none", "policy.max_new_tokens=8",
             "eval.tasks.babyai=null", "eval.tasks.sciworld=null",
             "eval.tasks.textcraft.episodes.count=1", "eval.tasks.textcraft.max_turns=1",
             f"+{task}.split=offline", f"+{task}.metric=score", f"+{task}.kind=expert_steps",
             f"+{task}.trajectories._target_=atlas_exp.envs.textcraft_expert.TextCraftExpertSource",
             f"+{task}.trajectories.n=3", f"+{task}.trajectories.seed=9", f"+{task}.trajectories.cache_dir={tmp_path}",
-            f"+{task}.episodes=[0,2]")
+            f"+{task}.episodes=[0,2]"]
+    p = app(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((rd / "eval" / "results.json").read_text())
     t = res["tasks"]["tc_steps"]
@@ -72,13 +73,7 @@ def test_eval_stage_reports_expert_steps_as_the_offline_split(tmp_path):
     ep = json.loads((rd / "eval" / "tc_steps" / "2.json").read_text())
     assert ep["env"] == "expert_steps" and ep["steps"] and all(s["nll"] > 0 for s in ep["steps"])
     # rerun: nothing to do
-    p = app(f"run_dir={rd}", "stage=eval", "policy.model=base", "logger=none", "policy.max_new_tokens=8",
-            "eval.tasks.babyai=null", "eval.tasks.sciworld=null",
-            "eval.tasks.textcraft.episodes.count=1", "eval.tasks.textcraft.max_turns=1",
-            f"+{task}.split=offline", f"+{task}.metric=score", f"+{task}.kind=expert_steps",
-            f"+{task}.trajectories._target_=atlas_exp.envs.textcraft_expert.TextCraftExpertSource",
-            f"+{task}.trajectories.n=3", f"+{task}.trajectories.seed=9", f"+{task}.trajectories.cache_dir={tmp_path}",
-            f"+{task}.episodes=[0,2]")
+    p = app(*args)
     assert p.returncode == 0 and "up to date, skipping" in p.stdout + p.stderr
 
 
