@@ -264,6 +264,13 @@ class HFPolicy:
         fits = [(i, ids) for i, ids in encoded if len(ids) + self.max_new_tokens <= self.max_context]
         self.stats["context_limit"] += len(encoded) - len(fits)
         rows = [(i, self.prefix_cache.match(ids) if self.prefix_cache else Row(ids)) for i, ids in fits]
+        if self.prefix_cache is not None and len(rows) > 1:
+            # a prefix many prompts share (an env's instruction) is prefilled once, then matched like a kept one
+            shared = self.prefix_cache.shared_prefixes([r for _, r in rows])
+            for prefix in shared:
+                self._prefill(prefix)
+            if shared:
+                rows = [(i, self.prefix_cache.match(r.ids)) for i, r in rows]
         # similar amounts of new tokens together: less padding in each generate call
         rows.sort(key=lambda x: len(x[1].new))
         for start in range(0, len(rows), self.batch_size):
@@ -277,6 +284,14 @@ class HFPolicy:
             self.prefix_cache.commit()
             self.stats.update(self.prefix_cache.stats)
         return out
+
+    def _prefill(self, ids: list[int]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
+        self.prefix_cache.add_prefix(ids, getattr(out, self._cache_kw))
+        self.prefix_cache.stats["prefilled_tokens"] += len(ids)
 
     def _generate_chunk(self, rows: list[Row]) -> list[tuple[str, int]]:
         """One batched `generate` for `rows`: (reply text, reply tokens) per row."""

@@ -85,6 +85,34 @@ class PrefixCache:
             return Row(ids)
         return Row(ids, best, best_n)
 
+    def shared_prefixes(self, rows: list[Row]) -> list[list[int]]:
+        """Token prefixes that several rows share beyond what they reuse: each worth one prefill, not many.
+
+        Episodes of one env start with the same instruction turn, so on the first round (nothing kept yet)
+        sixteen episodes would prefill the same few hundred tokens sixteen times. Rows are sorted by their
+        tokens; runs of neighbours whose common prefix (beyond each one's match) is at least `min_reuse`
+        tokens form a group, and the group's common prefix is returned, to be prefilled once and matched.
+        """
+        order = sorted(rows, key=lambda r: r.ids)
+        out: list[list[int]] = []
+        i = 0
+        while i < len(order):
+            j, common = i, None
+            while j + 1 < len(order):
+                n = min(common_prefix(order[j].ids, order[j + 1].ids), len(order[j + 1].ids) - 1, len(order[i].ids) - 1)
+                if n < self.min_reuse:
+                    break
+                common = n if common is None else min(common, n)
+                j += 1
+            if common is not None and common > max(r.reused for r in order[i:j + 1]) + self.min_reuse:
+                out.append(order[i].ids[:common])
+            i = j + 1
+        return out
+
+    def add_prefix(self, ids: list[int], cache: Any) -> None:
+        """Keep the keys/values of a prefix prefilled on its own (batch of one), for this call's matches."""
+        self.entries.append(Entry(list(ids), [(k[:1], v[:1]) for k, v in _layers(cache)]))
+
     def layout(self, rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
         """Input ids, attention mask and a DynamicCache for `rows`; also the width of the reused part.
 

@@ -134,8 +134,8 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     training summary, which changes whenever training reruns)."""
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     assert isinstance(pol, dict)
-    # how replies are batched and placed on devices is not part of what they are
-    for key in ("batch_size", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
+    # how replies are batched, cached and placed on devices is not part of what they are
+    for key in ("batch_size", "reuse_kv_cache", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
         pol.pop(key, None)
     cap = _reply_cap(cfg)
     if cap:
