@@ -50,7 +50,7 @@ def test_scores_are_what_generation_and_the_loss_say(model, smollm2_tokenizer, t
             assert step["action_correct"] == (gen[0, act:].tolist() == ids[act:b])
             checked += 1
         correct = sum(s["action_correct"] for s in rec["steps"])
-        assert rec["score"] == pytest.approx(100 * correct / traj.n_steps, abs=1e-3)
+        assert rec["score"] == pytest.approx(correct / traj.n_steps, abs=1e-6)
     assert checked >= 4
 
 
@@ -69,6 +69,8 @@ def test_eval_stage_reports_expert_steps_as_the_offline_split(tmp_path):
     res = json.loads((rd / "eval" / "results.json").read_text())
     t = res["tasks"]["tc_steps"]
     assert t["split"] == "offline" and t["n"] == 2 and 0.0 <= t["value"] <= 100.0
+    scores = [json.loads((rd / "eval" / "tc_steps" / f"{i}.json").read_text())["score"] for i in (0, 2)]
+    assert all(0.0 <= x <= 1.0 for x in scores) and t["value"] == pytest.approx(100 * sum(scores) / 2, abs=1e-3)
     assert res["splits"]["held_in"]["tasks"] == ["textcraft"] and res["splits"]["offline"]["tasks"] == ["tc_steps"]
     ep = json.loads((rd / "eval" / "tc_steps" / "2.json").read_text())
     assert ep["env"] == "expert_steps" and ep["steps"] and all(s["nll"] > 0 for s in ep["steps"])

@@ -9,7 +9,8 @@ trajectory, rendered exactly as in training) and at every step we check
   (the text from the step's last `Action:` marker to its end-of-turn token), given the expert's thought;
 - `nll`: the mean negative log-likelihood of the step's tokens (thought and action).
 
-An episode is one trajectory: score = % of its steps whose action is reproduced, success = all of them.
+An episode is one trajectory: score = the share of its steps whose action is reproduced (the task's value
+in results.json is its mean, in %), success = all of them.
 This is the behaviour-cloning counterpart of the paper's "step success" (and of Mind2Web's step accuracy);
 the eval stage reports it as the `offline` split, never mixed into the held-in / held-out averages.
 
@@ -106,8 +107,9 @@ def score_trajectory(model: Any, tokenizer: Any, traj: Trajectory, *, max_contex
     return {
         "trajectory": traj.id,
         "success": n > 0 and correct == n,
-        "score": round(100.0 * correct / n, 4) if n else 0.0,
-        "reward": correct / n if n else 0.0,
+        # the share of steps reproduced, in [0, 1] like every env's score (results.json reports it in %)
+        "score": round(correct / n, 6) if n else 0.0,
+        "reward": round(correct / n, 6) if n else 0.0,
         "turns": n,
         "n_steps": traj.n_steps,
         "n_steps_scored": n,
