@@ -52,9 +52,12 @@ def test_cpu_small_preset():
     c = compose(["experiment=cpu_small"])
     assert c.model.name == "smollm2_135m" and c.train.mode == "lora" and not c.deepspeed.get("enabled")
     assert c.data.sources[0].n == 200 and c.data.sources[0].seed == 0  # same data for every seed
-    assert set(c.eval.tasks) == {"textcraft", "babyai", "sciworld"}
-    # trained on TextCraft only: the other envs are held out, as in the paper's sense of the word
-    assert {k: t.split for k, t in c.eval.tasks.items()} == {"textcraft": "held_in", "babyai": "held_out", "sciworld": "held_out"}
+    # trained on TextCraft only: the other envs are held out, as in the paper's sense of the word; held-out
+    # expert trajectories scored teacher-forced are the offline split
+    assert {k: t.split for k, t in c.eval.tasks.items()} == {
+        "textcraft": "held_in", "babyai": "held_out", "sciworld": "held_out", "textcraft_steps": "offline"}
+    steps = c.eval.tasks.textcraft_steps
+    assert steps.kind == "expert_steps" and steps.trajectories.seed != c.data.sources[0].seed
 
 
 def test_ablation_plan_is_the_papers_grid(tmp_path):
@@ -88,6 +91,7 @@ def test_tiny_sweep_runs_where_planned_and_a_rerun_does_no_work(tmp_path):
         "eval.tasks.textcraft.episodes.count=1", "eval.tasks.babyai.episodes.count=1",
         "eval.tasks.textcraft.max_turns=1", "eval.tasks.babyai.max_turns=1", "policy.max_new_tokens=8",
         "eval.tasks.sciworld.episodes.limit=1", "eval.tasks.sciworld.max_turns=1",
+        "eval.tasks.textcraft_steps.trajectories.n=2", "eval.tasks.textcraft_steps.episodes.count=1",
     ]
     runs, multirun = plan(args)
     assert multirun and [r.status for r in runs] == ["todo", "todo"]
@@ -98,7 +102,7 @@ def test_tiny_sweep_runs_where_planned_and_a_rerun_does_no_work(tmp_path):
     assert [r.status for r in runs] == ["done", "done"]
     for r in runs:
         res = json.loads((r.run_dir / "eval" / "results.json").read_text())
-        assert res["selection"]["selector"] in ("random", "all") and set(res["tasks"]) == {"textcraft", "babyai", "sciworld"}
+        assert res["selection"]["selector"] in ("random", "all") and set(res["tasks"]) == {"textcraft", "babyai", "sciworld", "textcraft_steps"}
     watched = [f for r in runs for f in r.run_dir.rglob("*") if f.is_file() and ".hydra" not in f.parts and f.suffix != ".log"]
     before = {f: f.stat().st_mtime_ns for f in watched}
     p = subprocess.run([sys.executable, "-m", "atlas_exp", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
