@@ -263,8 +263,8 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
             sources[x.task].get(x.episode)
         policy = build_policy(cfg, rd)
         policy_info = policy.describe()
-        if expert_todo:
-            local_model(policy, expert_todo[0].task)
+        # expert_steps tasks score the policy's own model: fail now, not after the agent episodes
+        scorer = local_model(policy, expert_todo[0].task) if expert_todo else None
         pool = EnvPool(factories)
         records = list(done)
         wins: dict[str, list[int]] = {}
@@ -288,7 +288,7 @@ def run_eval_stage(cfg: DictConfig, rd: RunDir) -> None:
                 env_names[res.task] = res.env
                 finished(res.task, res.episode, {"fingerprint": fps[res.task], **res.to_dict()})
             for x in expert_todo:
-                model, tok, max_context = local_model(policy, x.task)
+                model, tok, max_context = scorer
                 scored = score_trajectory(model, tok, sources[x.task].get(x.episode), max_context=max_context)
                 finished(x.task, str(x.episode), {"fingerprint": fps[x.task], "task": x.task, "episode": str(x.episode),
                                                   "env": "expert_steps", **scored})

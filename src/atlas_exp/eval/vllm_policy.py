@@ -49,7 +49,6 @@ class VLLMPolicy:
             ) from None
         if max_new_tokens < 1:
             raise ConfigError(f"policy.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._vllm = vllm
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
