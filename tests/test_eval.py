@@ -12,6 +12,7 @@ from atlas_exp.envs.base import Env, StepResult
 from atlas_exp.envs.textcraft import TextCraftEnv, sample_episode
 from atlas_exp.envs.textcraft_expert import UncraftableGoal, expert_turns
 from atlas_exp.eval.policy import HFPolicy, NoReply, PolicyContext
+from atlas_exp.eval.prefix_cache import common_prefix
 from atlas_exp.eval.results import TaskInfo, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
 from conftest import TEST_CACHE
@@ -225,10 +226,10 @@ def test_hf_policy_reuses_each_episodes_kv_cache_and_replies_stay_the_same(smoll
     first = reuse.generate(convs)
     assert first == fresh.generate(convs)
     # round one: nothing kept yet, but the three prompts share the env's instruction: prefilled once
-    lens = [len(reuse.encode(c)) for c in convs]
-    shared = reuse.stats["reused_tokens"] // 3
-    assert shared > 100 and reuse.stats["reused_tokens"] == 3 * shared
-    assert reuse.stats["prefilled_tokens"] == shared + sum(n - shared for n in lens)
+    ids = [reuse.encode(c) for c in convs]
+    shared = min(common_prefix(ids[0], x) for x in ids[1:])
+    assert shared > 100 and reuse.stats["reused_tokens"] == 0
+    assert reuse.stats["prefilled_tokens"] == shared + sum(len(x) - shared for x in ids)
     reused, prefilled = reuse.stats["reused_tokens"], reuse.stats["prefilled_tokens"]
     # next round: two episodes go on (one of them with a reply that differs from what the model said:
     # only the common prefix can be reused), one ended, a new one starts
@@ -247,6 +248,32 @@ def test_hf_policy_reuses_each_episodes_kv_cache_and_replies_stay_the_same(smoll
     assert new_tokens < prompt_tokens / 2
     # only this call's sequences are kept: the ended episode's entry is gone
     assert len(reuse.prefix_cache.entries) == 3
+
+
+def test_hf_policy_prefills_uneven_prompts_alone_and_replies_stay_the_same(smollm2_dir):
+    """Prompts whose new parts differ a lot in length are prefilled one by one (no compute on padding), then
+    decoded together: the replies equal one batched prefill's, in the first round and in the next."""
+    ctx = PolicyContext(model_cfg={"name": "s", "name_or_path": str(smollm2_dir), "gguf_file": None},
+                        run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE))
+    env = TextCraftEnv()
+    convs = [[{"role": "user", "content": env.instruction()}, {"role": "assistant", "content": env.ack},
+              {"role": "user", "content": env.reset(s)}] for s in (1, 2)] + [[{"role": "user", "content": "Hi."}]]
+    obs = {"role": "user", "content": "Observation: Crafted 1 minecraft:stick"}
+    got = {}
+    for alone in (True, False):
+        policy = HFPolicy(context=ctx, model="base", max_new_tokens=16, batch_size=8, separate_prefill=alone)
+        first = policy.generate(convs)
+        second = policy.generate([c + [{"role": "assistant", "content": r}, obs] for c, r in zip(convs, first)])
+        prompt = sum(len(policy.encode(c)) for c in convs) + sum(
+            len(policy.encode(c + [{"role": "assistant", "content": r}, obs])) for c, r in zip(convs, first))
+        got[alone] = (first, second, policy.stats["prefilled_alone"])
+        # every prompt token is either computed once in its call or reused from the call before
+        assert policy.stats["prefilled_tokens"] + policy.stats["reused_tokens"] <= prompt
+        policy.close()
+    assert got[True][:2] == got[False][:2]
+    assert got[True][2] >= 3 and got[False][2] == 0
+    with pytest.raises(Exception, match="policy.separate_prefill='sometimes'"):
+        HFPolicy(context=ctx, model="base", separate_prefill="sometimes")
 
 
 def test_hf_policy_context_limit(smollm2_dir):
@@ -341,6 +368,34 @@ def test_episode_specs():
         _episodes("t", [1, 1])
     with pytest.raises(ConfigError, match=r"eval.tasks.t.episodes must be"):
         _episodes("t", {"first": 1})
+
+
+@pytest.mark.parametrize(
+    "policy, neutral, not_neutral, has_base_model",
+    [
+        ("hf", ["policy.batch_size=2", "policy.reuse_kv_cache=false"], "policy.temperature=0.7", True),
+        ("vllm", ["policy.gpu_memory_utilization=0.5", "policy.enable_prefix_caching=false"], "policy.max_context=2048", True),
+        ("openai", ["policy.concurrency=1", "policy.cache_path=/elsewhere/replies.jsonl"], "policy.model=other", False),
+    ],
+)
+def test_what_identifies_the_agent_is_what_its_policy_declares(tmp_path, policy, neutral, not_neutral, has_base_model):
+    """Episodes already played are kept when only how replies are computed changes (batching, caching, devices:
+    each policy class's `reply_neutral`), and replayed when what they are changes."""
+    from atlas_exp.config import compose
+    from atlas_exp.eval.stage import _model_fingerprint
+    from atlas_exp.pipeline import RunDir
+
+    def fp(*extra):
+        over = [f"policy={policy}", "policy.model=base"] if policy != "openai" else ["policy=openai", "policy.model=m"]
+        return _model_fingerprint(compose([*over, *extra]), RunDir(tmp_path))
+
+    ref = fp()
+    for o in neutral:
+        assert fp(o) == ref, o
+    assert fp(not_neutral) != ref
+    assert ("base_model" in ref) == has_base_model
+    if has_base_model:
+        assert fp("model.name_or_path=other/model") != ref
 
 
 def test_openai_policy_errors_name_the_policy_option(tmp_path, monkeypatch):

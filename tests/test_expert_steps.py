@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from atlas_exp.data.sources import LocalFiles, load_trajectories
 from atlas_exp.envs.textcraft_expert import TextCraftExpertSource
 from atlas_exp.eval.expert_steps import _action_start, score_trajectory
 from atlas_exp.models import load_model
@@ -22,6 +23,34 @@ from test_app import app
 def model(smollm2_spec, smollm2_dir):
     m = load_model(smollm2_spec, TEST_CACHE, dtype=torch.float32)
     return m.eval()
+
+
+def test_the_action_starts_at_the_first_token_whose_text_covers_the_last_action_marker(agenttraj_dir, smollm2_tokenizer):
+    """`_action_start` bisects; it must give what trying every end token in turn gives, on real steps of every
+    AgentTraj-L env (non-ASCII text, actions spanning several lines, steps without a marker)."""
+    tok = smollm2_tokenizer
+    files = sorted(agenttraj_dir.glob("*.jsonl"))
+    trajs = load_trajectories([LocalFiles(str(f), limit=3) for f in files], progress=False).trajectories
+
+    def by_every_token(ids, a, b):
+        text = tok.decode(ids[a:b])
+        if text.rfind("Action:") < 0:
+            return None
+        want = text.rfind("Action:") + len("Action:")
+        for t in range(a, b):
+            if len(tok.decode(ids[a:t + 1])) >= want:
+                return t + 1 if t + 1 < b else None
+        return None
+
+    found = checked = 0
+    for traj in trajs:
+        tt = tokenize_trajectory(tok, traj)
+        for a, b in tt.step_spans:
+            want = by_every_token(tt.input_ids, a, b)
+            assert _action_start(tok, tt.input_ids, a, b) == want, (traj.id, a, b)
+            found += want is not None
+            checked += 1
+    assert checked > 100 and found > 0.9 * checked
 
 
 def test_scores_are_what_generation_and_the_loss_say(model, smollm2_tokenizer, tmp_path):

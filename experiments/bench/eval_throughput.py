@@ -5,15 +5,20 @@ with `atlas_exp.eval.policy.HFPolicy`) with `--in-flight` episodes at once (defa
 left-padded greedy `generate` call for all of them) vs `batch_size=1` (one episode at a time, one
 `generate` per turn), on TextCraft and BabyAI, SmolLM2-135M-Instruct base model (`policy.model=base`) on
 the CPU, `max_new_tokens=48`, `max_turns=4` (so that a CPU finishes), default 16 episodes per env
-(--quick 4: then only 4 are in flight). Target: batched >= 3x. Both modes reuse each episode's KV cache
-across turns (the policy default); a third mode times batched rollouts that re-prefill every turn, to show
-what that reuse is worth.
+(--quick 4: then only 4 are in flight). Target: batched >= 3x. Both modes run the policy's defaults: each
+episode's KV cache reused across turns (`policy.reuse_kv_cache`), decoding into a cache that grows in place
+(`policy.preallocate_kv_cache`) and, on a CPU, prompts of uneven length prefilled one by one before the batch
+decodes together (`policy.separate_prefill`). `--ablations` adds batched modes with one of them off, to show
+what each is worth: `batched_no_kv_reuse` re-prefills the whole conversation every turn,
+`batched_dynamic_cache` decodes into transformers' DynamicCache (one copy of the whole cache per generated
+token), `batched_joint_prefill` pads every prompt's new tokens to the longest and prefills them together.
 
 Episodes are the smoke preset's (conf/eval/smoke.yaml): TextCraft goals drawn with seeds 100000.., BabyAI
-items 20000.. (level = item % 40). Both modes play the same episodes with the same policy object (same
-weights, same decoding: greedy), envs built the same way; only the number of episodes in flight differs.
+items 20000.. (level = item % 40). Both modes play the same episodes with the same weights and decoding
+(greedy), envs built the same way; only the number of episodes in flight differs.
 A warm-up `generate` runs before the first timing. Timed: the whole `run_episodes` loop (env resets and
-steps included, model loading excluded).
+steps included, model loading excluded). Every mode gets its own policy (the same weights, loaded again with
+that mode's options), so no mode starts with another's kept keys/values.
 
 Not strictly identical (see `notes`): a left-padded batch can make greedy decoding pick a different token
 where two logits are within float noise, so a batched episode may take a different path (more or fewer
@@ -23,7 +28,6 @@ also reports turns/min and generated tokens/s, which do not depend on how many t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -35,6 +39,12 @@ import common
 
 NAME = "eval_throughput"
 FIRST_EPISODE = {"textcraft": 100000, "babyai": 20000}  # conf/eval/smoke.yaml
+#: batched mode with one HFPolicy option turned off: mode name -> (option, figure label)
+ABLATIONS = {
+    "no_kv_reuse": ("reuse_kv_cache", "KV cache reused across turns vs re-prefilled"),
+    "dynamic_cache": ("preallocate_kv_cache", "in-place KV cache vs transformers' DynamicCache"),
+    "joint_prefill": ("separate_prefill", "prompts prefilled alone vs padded together"),
+}
 
 
 def make_env(name: str, max_steps: int):
@@ -49,11 +59,8 @@ def make_env(name: str, max_steps: int):
     raise SystemExit(f"unknown env {name!r}: textcraft or babyai")
 
 
-def play(policy, env: str, n: int, *, in_flight: int, max_turns: int, reuse: bool = True) -> dict:
-    from atlas_exp.eval.prefix_cache import PrefixCache
+def play(policy, env: str, n: int, *, in_flight: int, max_turns: int) -> dict:
     from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
-
-    policy.prefix_cache = PrefixCache() if reuse else None
 
     tasks = [EpisodeTask(env, FIRST_EPISODE[env] + i) for i in range(n)]
     pool = EnvPool({env: lambda: make_env(env, max_turns)})
@@ -88,8 +95,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-context", type=int, default=4096, help="policy.max_context (conf: 4096)")
-    p.add_argument("--no-reuse-too", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time batched mode with the KV cache re-prefilled every turn (policy.reuse_kv_cache=false)")
+    p.add_argument("--ablations", default=",".join(ABLATIONS),
+                   help=f"batched modes with one policy option off, to show what each is worth "
+                        f"(default: all of {', '.join(ABLATIONS)}; '' for none)")
     args = p.parse_args()
     common.setup_env(args.threads)
     started = time.time()
@@ -104,28 +112,42 @@ def main() -> None:
 
     ctx = PolicyContext(model_cfg=dataclasses.asdict(common.smollm2_spec()), run_model_dir=Path("/nonexistent"),
                         cache_dir=str(args.cache_dir), seed=args.seed)
-    policy = HFPolicy(context=ctx, model="base", max_new_tokens=args.max_new_tokens, temperature=0.0,
-                      max_context=args.max_context, dtype="float32", batch_size=args.in_flight)
-    # warm-up: one short generate, out of every timing
-    policy.generate([[{"role": "user", "content": "Say OK."}]])
-    torch.manual_seed(args.seed)
 
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown:
+        p.error(f"--ablations: unknown {sorted(unknown)}; known: {', '.join(ABLATIONS)}")
+
+    def make_policy(off: str | None) -> HFPolicy:
+        pol = HFPolicy(context=ctx, model="base", max_new_tokens=args.max_new_tokens, temperature=0.0,
+                       max_context=args.max_context, dtype="float32", batch_size=args.in_flight,
+                       **({ABLATIONS[off][0]: False} if off else {}))
+        # warm-up: one short generate, out of every timing (and out of the stats: they are taken as differences)
+        pol.generate([[{"role": "user", "content": "Say OK."}]])
+        torch.manual_seed(args.seed)
+        return pol
+
+    # mode -> (episodes in flight, the policy option turned off)
+    modes: dict[str, tuple[int, str | None]] = {"batched": (args.in_flight, None), "sequential": (1, None)}
+    for a in ablations:
+        modes[f"batched_{a}"] = (args.in_flight, a)
+    described = None
     per_env: dict[str, dict] = {}
     for env in envs:
         res = {}
-        modes = [("batched", args.in_flight, True), ("sequential", 1, True)]
-        if args.no_reuse_too:
-            modes.append(("batched_no_kv_reuse", args.in_flight, False))
-        for mode, k, reuse in modes:
+        for mode, (k, off) in modes.items():
             print(f"[{NAME}] {env}: {n} episodes, {mode} ({k} in flight) ...", flush=True)
-            r = play(policy, env, n, in_flight=k, max_turns=args.max_turns, reuse=reuse)
+            policy = make_policy(off)
+            described = described or policy.describe()
+            r = play(policy, env, n, in_flight=k, max_turns=args.max_turns)
+            policy.close()
             print(f"[{NAME}]   {r['seconds']:.1f} s, {r['episodes_per_min']:.2f} episodes/min, {r['turns']} turns, "
                   f"ends {r['ends']}", flush=True)
             res[mode] = r
         convs_b, convs_s = res["batched"].pop("_conversations"), res["sequential"].pop("_conversations")
-        if "batched_no_kv_reuse" in res:
-            convs_n = res["batched_no_kv_reuse"].pop("_conversations")
-            res["identical_conversations_kv_reuse_vs_not"] = sum(convs_b[e] == convs_n.get(e) for e in convs_b)
+        for a in ablations:
+            convs_a = res[f"batched_{a}"].pop("_conversations")
+            res[f"identical_conversations_batched_vs_{a}"] = sum(convs_b[e] == convs_a.get(e) for e in convs_b)
         res["identical_conversations"] = sum(convs_b[e] == convs_s.get(e) for e in convs_b)
         per_env[env] = res
 
@@ -134,17 +156,19 @@ def main() -> None:
 
     epm = {m: total(m, "episodes") / total(m, "seconds") * 60 for m in ("batched", "sequential")}
     tpm = {m: total(m, "turns") / total(m, "seconds") * 60 for m in ("batched", "sequential")}
-    if args.no_reuse_too:
-        epm["batched_no_kv_reuse"] = total("batched_no_kv_reuse", "episodes") / total("batched_no_kv_reuse", "seconds") * 60
+    for a in ablations:
+        m = f"batched_{a}"
+        epm[m] = total(m, "episodes") / total(m, "seconds") * 60
     comps = [common.comparison("episodes/min (all envs)", round(epm["batched"], 4), round(epm["sequential"], 4), op=">=", target=3.0,
                                unit="episodes/min", ours_label=f"batched ({args.in_flight} in flight)", baseline_label="one at a time")]
     for e in envs:
         comps.append(common.comparison(f"episodes/min [{e}]", per_env[e]["batched"]["episodes_per_min"], per_env[e]["sequential"]["episodes_per_min"],
                                        op=">=", target=3.0, unit="episodes/min", ours_label="batched", baseline_label="one at a time"))
-    if args.no_reuse_too:
-        comps.append(common.comparison("episodes/min, KV cache reused across turns vs re-prefilled (batched)",
-                                       round(epm["batched"], 4), round(epm["batched_no_kv_reuse"], 4), op=None, target=None,
-                                       unit="episodes/min", ours_label="reuse_kv_cache=true", baseline_label="reuse_kv_cache=false"))
+    for a in ablations:
+        opt, label = ABLATIONS[a]
+        comps.append(common.comparison(f"episodes/min, {label} (batched)", round(epm["batched"], 4),
+                                       round(epm[f"batched_{a}"], 4), op=None, target=None, unit="episodes/min",
+                                       ours_label=f"{opt}=default", baseline_label=f"{opt}=false"))
     comps.append(common.comparison("turns/min (all envs)", round(tpm["batched"], 3), round(tpm["sequential"], 3), op=None, target=None,
                                    unit="turns/min", ours_label="batched", baseline_label="one at a time"))
     figures = {
@@ -154,21 +178,22 @@ def main() -> None:
         "per_env": per_env,
         "episodes_per_min": epm,
         "turns_per_min": tpm,
-        "policy": policy.describe(),
+        "policy": described,
     }
     notes = [
         f"threads={args.threads}: on one CPU thread batching mostly amortises per-call overhead and the decode steps' "
         "weight reads; the prefill of long prompts stays compute-bound, so the CPU speedup is a lower bound of a GPU's.",
-        "Both main modes reuse each episode's KV cache across turns (policy.reuse_kv_cache, the default): a turn "
-        "prefills only its new observation. batched_no_kv_reuse re-prefills the whole conversation every turn.",
+        "Both main modes run the HF policy's defaults: each episode's KV cache reused across turns (a turn prefills "
+        "only its new observation), decoding into a KV cache that grows in place, and (on a CPU) prompts whose new "
+        "parts differ in length prefilled one by one before the batch decodes together. Each batched_<ablation> mode "
+        "turns one of these off: " + "; ".join(f"batched_{a}: {ABLATIONS[a][0]}=false" for a in ablations) + ".",
         "Greedy decoding in a left-padded batch can differ from unpadded decoding in float noise, so episodes can take "
         "different paths: see per_env.*.identical_conversations, turns and turns/min.",
-        "Per env, in the same process: batched, then one at a time, then batched without KV reuse.",
+        f"Per env, in the same process, one after the other, each with a freshly loaded policy: {', '.join(modes)}.",
     ]
     if n < args.in_flight:
         notes.append(f"only {n} episodes per env, so at most {n} were in flight (not {args.in_flight})")
     common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
-    policy.close()
 
 
 if __name__ == "__main__":

@@ -59,16 +59,24 @@ class ExpertTrajectories:
 
 
 def _action_start(tokenizer: Any, ids: list[int], a: int, b: int) -> int | None:
-    """The index of the first token of the step [a, b) whose text follows the last `Action:` marker."""
+    """The index of the first token of the step [a, b) whose text follows the last `Action:` marker.
+
+    The decoded length of ids[a:t] grows with t, so the first t whose text covers the marker is found by
+    bisection: O(log n) decodes of the step, not one per token.
+    """
     text = tokenizer.decode(ids[a:b])
     cut = text.rfind(ACTION_MARKER)
     if cut < 0:
         return None
     want = cut + len(ACTION_MARKER)
-    for t in range(a, b):
-        if len(tokenizer.decode(ids[a:t + 1])) >= want:
-            return t + 1 if t + 1 < b else None
-    return None
+    lo, hi = a + 1, b  # the smallest end t in (a, b] with len(decode(ids[a:t])) >= want; decode(ids[a:b]) covers it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[a:mid])) >= want:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if lo < b else None
 
 
 def score_trajectory(model: Any, tokenizer: Any, traj: Trajectory, *, max_context: int) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from atlas_exp.errors import ConfigError
-from atlas_exp.eval.prefix_cache import PrefixCache, Row
+from atlas_exp.eval.prefix_cache import PrefixCache, Row, layout
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,18 @@ class PolicyContext:
 
 @runtime_checkable
 class Policy(Protocol):
-    """Batched next-turn generation. `generate` returns one reply per conversation, NoReply where it cannot."""
+    """Batched next-turn generation. `generate` returns one reply per conversation, NoReply where it cannot.
+
+    Two class attributes tell the eval stage what identifies the agent (its resume fingerprint), next to the
+    options they are about: `reply_neutral` names the options that change how replies are computed (batching,
+    caching, device placement) but not what they are, so changing them keeps the episodes already played;
+    `loads_base_model` says that `model: run | base` loads `cfg.model`'s weights (then the base model is part
+    of the agent). A policy class without them has neither.
+    """
 
     name: str
+    reply_neutral: ClassVar[tuple[str, ...]]
+    loads_base_model: ClassVar[bool]
 
     def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]: ...
 
@@ -177,11 +186,16 @@ class HFPolicy:
     `model`: `run` (the run dir's trained model: the adapter in `<run_dir>/model` over the base model, or
     the full weights saved there), `base` (the untrained base model: the "no finetuning" row), or a path /
     Hub name of any causal LM. `max_context` caps prompt + reply tokens (default: the model's own limit).
-    `reuse_kv_cache` keeps each conversation's keys/values for its next turn (exact; off only to measure it,
-    and off by itself for sliding-window or recurrent models).
+    `reuse_kv_cache` keeps each conversation's keys/values for its next turn, and `preallocate_kv_cache`
+    decodes into a cache that grows in place instead of being copied per token (both exact: off only to
+    measure them, and off by themselves for sliding-window or recurrent models). With reuse on,
+    `separate_prefill` (auto: on a CPU) prefills each prompt of a batch alone when padding their new tokens
+    to the longest would waste over a quarter of the prefill; the batch then decodes together.
     """
 
     name = "hf"
+    reply_neutral = ("batch_size", "reuse_kv_cache", "preallocate_kv_cache", "separate_prefill")
+    loads_base_model = True
 
     def __init__(
         self,
@@ -195,6 +209,8 @@ class HFPolicy:
         dtype: str = "auto",
         batch_size: int = 16,
         reuse_kv_cache: bool = True,
+        preallocate_kv_cache: bool = True,
+        separate_prefill: str | bool = "auto",
     ):
         import torch
 
@@ -202,6 +218,8 @@ class HFPolicy:
 
         if max_new_tokens < 1:
             raise ConfigError(f"policy.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if separate_prefill not in ("auto", True, False):
+            raise ConfigError(f"policy.separate_prefill={separate_prefill!r}: auto, true or false")
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -238,9 +256,15 @@ class HFPolicy:
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_context = int(min(max_context, limit) if max_context else limit)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
-        self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0}
+        self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0,
+                      "prefilled_alone": 0}
         # sliding-window / recurrent caches cannot be re-laid out row by row: those models prefill every turn
-        self.prefix_cache = PrefixCache() if reuse_kv_cache and _plain_attention(self.model) else None
+        plain = _plain_attention(self.model)
+        self.prefix_cache = PrefixCache() if reuse_kv_cache and plain else None
+        # decoding appends to a preallocated cache instead of concatenating (eval/kv_cache.py); same replies
+        self.preallocate_kv_cache = bool(preallocate_kv_cache and plain)
+        # on a CPU a prefill is compute-bound, so padding costs its full price; on a GPU it is nearly free
+        self.separate_prefill = self.device == "cpu" if separate_prefill == "auto" else bool(separate_prefill)
         # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version's models take
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         torch.manual_seed(context.seed)
@@ -268,13 +292,21 @@ class HFPolicy:
             # a prefix many prompts share (an env's instruction) is prefilled once, then matched like a kept one
             shared = self.prefix_cache.shared_prefixes([r for _, r in rows])
             for prefix in shared:
-                self._prefill(prefix)
+                self._prefill(prefix, self.prefix_cache.match(prefix))
             if shared:
                 rows = [(i, self.prefix_cache.match(r.ids)) for i, r in rows]
         # similar amounts of new tokens together: less padding in each generate call
         rows.sort(key=lambda x: len(x[1].new))
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
+            if self._prefill_alone(chunk):
+                # each prompt up to its last token is prefilled on its own, then matched: the batched call
+                # below feeds one token a row, so no compute goes to padding the new parts to the longest
+                for _, r in chunk:
+                    if len(r.new) > 1:
+                        self._prefill(r.ids[:-1], r)
+                        self.stats["prefilled_alone"] += 1
+                chunk = [(i, self.prefix_cache.match(r.ids)) for i, r in chunk]
             for (i, row), (reply, n) in zip(chunk, self._generate_chunk([r for _, r in chunk])):
                 out[i] = reply
                 self.stats["replies"] += 1
@@ -285,25 +317,44 @@ class HFPolicy:
             self.stats.update(self.prefix_cache.stats)
         return out
 
-    def _prefill(self, ids: list[int]) -> None:
-        import torch
+    def _prefill_alone(self, chunk: list[tuple[int, Row]]) -> bool:
+        """Whether padding this chunk's new tokens to the longest would cost over a quarter more compute."""
+        if not self.separate_prefill or self.prefix_cache is None or len(chunk) < 2:
+            return False
+        new = [len(r.new) for _, r in chunk]
+        return max(new) * len(new) > 1.25 * sum(new)
 
+    def _prefill(self, ids: list[int], base: Row | None = None) -> None:
+        """Run `ids` through the model alone and keep its keys/values for this call's matches; continue from
+        `base`'s reused keys/values when given (then only `ids[base.reused:]` is computed)."""
+        import torch
+        from transformers import DynamicCache
+
+        start = base.reused if base is not None and base.entry is not None else 0
+        kw: dict[str, Any] = {}
+        if start:
+            kw[self._cache_kw] = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in base.entry.layers])
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
-        self.prefix_cache.add_prefix(ids, getattr(out, self._cache_kw))
-        self.prefix_cache.stats["prefilled_tokens"] += len(ids)
+            out = self.model(input_ids=torch.tensor([ids[start:]], device=self.device), use_cache=True,
+                             logits_to_keep=1, **kw)
+        self.prefix_cache.add_prefix(ids, getattr(out, self._cache_kw), base if start else None)
 
     def _generate_chunk(self, rows: list[Row]) -> list[tuple[str, int]]:
         """One batched `generate` for `rows`: (reply text, reply tokens) per row."""
         import torch
+        from transformers import DynamicCache
+
+        from atlas_exp.eval.kv_cache import GrowingCache
 
         pad = self.tokenizer.pad_token_id
-        # without reuse every row is all new tokens: plain left padding
-        input_ids, mask, past, _ = (self.prefix_cache or PrefixCache()).layout(rows, pad)
+        input_ids, mask, reused = (self.prefix_cache.layout if self.prefix_cache is not None else layout)(rows, pad)
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad,
                                   "eos_token_id": self.stop_ids, "return_dict_in_generate": True}
-        if past is not None:
-            kwargs[self._cache_kw] = past  # built from kept entries: already on the model's device
+        # the reused keys/values come from kept entries: already on the model's device
+        if self.preallocate_kv_cache:
+            kwargs[self._cache_kw] = GrowingCache(input_ids.shape[1] + self.max_new_tokens, reused)
+        elif reused is not None:
+            kwargs[self._cache_kw] = DynamicCache(reused)
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
@@ -351,6 +402,8 @@ class OpenAIPolicy:
     """
 
     name = "openai"
+    reply_neutral = ("concurrency", "cache_path")
+    loads_base_model = False
 
     def __init__(
         self,

@@ -31,12 +31,22 @@ from typing import Any
 import torch
 
 
+#: per layer a (keys, values) pair, each [batch, kv_heads, tokens, head_dim]
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class Entry:
-    """The keys/values of `ids` (one sequence): per layer a (key, value) pair of shape [1, heads, len, dim]."""
+    """The keys/values of `ids` (one sequence): per layer a (key, value) pair of shape [1, heads, len, dim].
+
+    `from_past`: how many of its leading tokens were computed by an earlier call (all of them for an entry
+    kept from the last call; for a prefix prefilled in this call, what that prefill itself reused). Only those
+    count as reused in `stats`; the rest were prefilled in this call and are counted there.
+    """
 
     ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: Layers
+    from_past: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -71,6 +81,8 @@ class PrefixCache:
         self.min_reuse = int(min_reuse)
         self.entries: list[Entry] = []
         self._next: list[Entry] = []
+        #: reused_tokens: prompt tokens whose keys/values an earlier call computed; prefilled_tokens: prompt
+        #: tokens run through the model in this call (a prefix several prompts share counts once)
         self.stats = {"reused_tokens": 0, "prefilled_tokens": 0}
 
     def match(self, ids: list[int]) -> Row:
@@ -109,45 +121,22 @@ class PrefixCache:
             i = j + 1
         return out
 
-    def add_prefix(self, ids: list[int], cache: Any) -> None:
-        """Keep the keys/values of a prefix prefilled on its own (batch of one), for this call's matches."""
-        self.entries.append(Entry(list(ids), [(k[:1], v[:1]) for k, v in _layers(cache)]))
+    def add_prefix(self, ids: list[int], cache: Any, base: Row | None = None) -> None:
+        """Keep the keys/values of a prefix prefilled on its own (batch of one), for this call's matches.
 
-    def layout(self, rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
-        """Input ids, attention mask and a DynamicCache for `rows`; also the width of the reused part.
-
-        Row i is `[pad, reused_i, pad, new_i]`; the reused part is in the cache, the rest is fed.
+        `base` is the row whose reused keys/values the prefill continued from (its first `base.reused` tokens
+        came from that row's entry), or None for a prefill from scratch. The prefill's own tokens are counted.
         """
-        from transformers import DynamicCache
+        from_past = min(base.reused, base.entry.from_past) if base is not None and base.entry is not None else 0
+        self.entries.append(Entry(list(ids), [(k[:1], v[:1]) for k, v in _layers(cache)], from_past))
+        self.stats["prefilled_tokens"] += len(ids) - (base.reused if base is not None else 0)
 
-        reused_w = max(r.reused for r in rows)
-        new_w = max(len(r.new) for r in rows)
-        b = len(rows)
-        input_ids = torch.full((b, reused_w + new_w), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, reused_w + new_w), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r.reused:
-                input_ids[i, reused_w - r.reused:reused_w] = torch.tensor(r.ids[:r.reused])
-                mask[i, reused_w - r.reused:reused_w] = 1
-            new = r.new
-            input_ids[i, reused_w + new_w - len(new):] = torch.tensor(new)
-            mask[i, reused_w + new_w - len(new):] = 1
-            self.stats["reused_tokens"] += r.reused
-            self.stats["prefilled_tokens"] += len(new)
-        if reused_w == 0:
-            return input_ids, mask, None, 0
-        ref = next(r.entry for r in rows if r.entry is not None)
-        layers = []
-        for li, (k0, v0) in enumerate(ref.layers):
-            k = k0.new_zeros((b, k0.shape[1], reused_w, k0.shape[3]))
-            v = v0.new_zeros((b, v0.shape[1], reused_w, v0.shape[3]))
-            for i, r in enumerate(rows):
-                if r.reused:
-                    ek, ev = r.entry.layers[li]
-                    k[i, :, reused_w - r.reused:] = ek[0, :, :r.reused]
-                    v[i, :, reused_w - r.reused:] = ev[0, :, :r.reused]
-            layers.append((k, v))
-        return input_ids, mask, DynamicCache(layers), reused_w
+    def layout(self, rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Layers | None]:
+        """`layout(rows, pad_id)`, counting the tokens reused and prefilled."""
+        for r in rows:
+            self.stats["reused_tokens"] += min(r.reused, r.entry.from_past) if r.entry is not None else 0
+            self.stats["prefilled_tokens"] += len(r.new)
+        return layout(rows, pad_id)
 
     def keep(self, cache: Any, mask: torch.Tensor, rows: list[Row], generated: list[list[int]]) -> None:
         """Store each row's keys/values for its prompt plus the generated tokens the cache holds.
@@ -164,7 +153,8 @@ class PrefixCache:
             pos = mask[i].nonzero().flatten().tolist() + list(range(width, width + k_gen))
             idx = torch.tensor(pos, device=cached[0][0].device)
             layers = [(k[i:i + 1].index_select(2, idx), v[i:i + 1].index_select(2, idx)) for k, v in cached]
-            self._next.append(Entry(r.ids + generated[i][:k_gen], layers))
+            ids = r.ids + generated[i][:k_gen]
+            self._next.append(Entry(ids, layers, from_past=len(ids)))  # matched by the next call: all from the past
 
     def commit(self) -> None:
         """End of a `generate` call: the entries kept in it replace the previous call's."""
@@ -172,6 +162,41 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.entries, self._next = [], []
+
+
+def layout(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Layers | None]:
+    """Input ids, attention mask and per-layer (keys, values) of the reused part (None when nothing is
+    reused) for one batch of `rows`.
+
+    Row i is `[pad, reused_i, pad, new_i]`; the reused part is in the cache, the rest is fed. Rows that reuse
+    nothing make this plain left padding.
+    """
+    reused_w = max(r.reused for r in rows)
+    new_w = max(len(r.new) for r in rows)
+    b = len(rows)
+    input_ids = torch.full((b, reused_w + new_w), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, reused_w + new_w), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r.reused:
+            input_ids[i, reused_w - r.reused:reused_w] = torch.tensor(r.ids[:r.reused])
+            mask[i, reused_w - r.reused:reused_w] = 1
+        new = r.new
+        input_ids[i, reused_w + new_w - len(new):] = torch.tensor(new)
+        mask[i, reused_w + new_w - len(new):] = 1
+    if reused_w == 0:
+        return input_ids, mask, None
+    ref = next(r.entry for r in rows if r.entry is not None)
+    layers = []
+    for li, (k0, v0) in enumerate(ref.layers):
+        k = k0.new_zeros((b, k0.shape[1], reused_w, k0.shape[3]))
+        v = v0.new_zeros((b, v0.shape[1], reused_w, v0.shape[3]))
+        for i, r in enumerate(rows):
+            if r.reused:
+                ek, ev = r.entry.layers[li]
+                k[i, :, reused_w - r.reused:] = ek[0, :, :r.reused]
+                v[i, :, reused_w - r.reused:] = ev[0, :, :r.reused]
+        layers.append((k, v))
+    return input_ids, mask, layers
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -134,19 +134,29 @@ def _model_fingerprint(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     training summary, which changes whenever training reruns)."""
     pol = OmegaConf.to_container(cfg.policy, resolve=True)
     assert isinstance(pol, dict)
-    # how replies are batched, cached and placed on devices is not part of what they are
-    for key in ("batch_size", "reuse_kv_cache", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching"):
+    cls = _policy_class(pol)
+    for key in getattr(cls, "reply_neutral", ()):
         pol.pop(key, None)
     cap = _reply_cap(cfg)
     if cap:
         pol["max_new_tokens"] = cap
     out: dict[str, Any] = {"policy": pol}
-    local = str(pol.get("_target_", "")).endswith(("HFPolicy", "VLLMPolicy"))  # they load cfg.model's weights
-    if pol.get("model", "run") in ("run", "base") and local:
+    if pol.get("model", "run") in ("run", "base") and getattr(cls, "loads_base_model", False):
         out["base_model"] = OmegaConf.to_container(cfg.model, resolve=True)
     if pol.get("model") == "run":
         out["trained"] = file_fingerprint(rd.training_summary) if rd.training_summary.exists() else None
     return out
+
+
+def _policy_class(pol: dict[str, Any]) -> type | None:
+    """The class `policy._target_` names, without building it (None if it does not import: building the
+    policy then reports that with the option's name)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(str(pol.get("_target_", "")))
+    except Exception:
+        return None
 
 
 def _load_done(rd: RunDir, tasks: list[EvalTask], fps: dict[str, str]) -> list[dict[str, Any]]:

@@ -24,6 +24,8 @@ class VLLMPolicy:
     """A vLLM engine as the agent: `model` is run | base | a path, as for `policy=hf`."""
 
     name = "vllm"
+    reply_neutral = ("gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching")
+    loads_base_model = True
 
     def __init__(
         self,
