@@ -5,7 +5,7 @@ its figures and a ratio and writes `experiments/results/bench/<name>.json` with:
 
 * `machine`: CPU model, cores (logical, usable by this process, physical), RAM, GPU if any, load average;
 * `versions`: python, torch, transformers, trl, peft, ... and the atlas_exp commit (`git rev-parse HEAD`, plus
-  whether tracked files differ from it);
+  whether tracked files other than `experiments/results/` differ from it);
 * `command` (the command line), `date`, `quick`, `params` (every option), `figures` (raw measurements),
   `comparisons` (one row per headline figure: ours, baseline, ratio, target, met) and `notes` (what is
   unverified or not strictly comparable).
@@ -190,7 +190,8 @@ def versions() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             v[pkg] = None
     v["atlas_exp_commit"] = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # the benchmarks' own result files are left out: `make bench` rewrites them as it goes
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
     v["atlas_exp_tracked_changes"] = None if status is None else bool(status)
     return v
 
