@@ -355,6 +355,7 @@ class HFPolicy:
             kwargs[self._cache_kw] = GrowingCache(input_ids.shape[1] + self.max_new_tokens, reused)
         elif reused is not None:
             kwargs[self._cache_kw] = DynamicCache(reused)
+        del reused  # the cache holds its own copy: one batch's keys/values less in memory while decoding
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
