@@ -134,6 +134,7 @@ def worker(args) -> dict:
         bf16=dtype == torch.bfloat16, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
         report_to="none", seed=args.seed, disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing,
         deepspeed=_deepspeed_config(args.deepspeed) if args.deepspeed else None,
+        torch_compile=args.compile,
     )
     if args.worker == "ours":
         from datasets import Dataset
@@ -181,7 +182,27 @@ def worker(args) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "attn_implementation": attn,
         "train_loss": rec["train_loss"],
+        "torch_compile": args.compile,
+        "matmul_tflops_measured": _matmul_tflops() if on_gpu and args.worker == "ours" else None,
     }
+
+
+def _matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The device's achieved dense bf16 rate on one large square matrix product (mean of `reps` after three
+    warm-ups): the practical ceiling to read an MFU figure against (MFU itself is against the data sheet)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return round(2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, 1)
 
 
 def _deepspeed_config(name: str) -> dict:
@@ -222,6 +243,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3, help="share of supervised tokens per sequence")
     p.add_argument("--attn", default=None, help="attn_implementation (default sdpa; flash_attention_2 if installed)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments.torch_compile)")
     p.add_argument("--deepspeed", default=None, help="a conf/deepspeed/<name>.yaml config (zero2, zero3, zero3_offload)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
     p.add_argument("--no-trl", action="store_true", help="only ours")
@@ -271,6 +293,11 @@ def main() -> None:
         f"model FLOPs per token {fpt:.4g} ({'6N' if args.mode == 'full' else '4N'} + 6LdT, N = {ours['n_matmul_params']:,} matmul parameters)",
         "random weights built from the architecture's config; synthetic tokens, 30% supervised in spans",
     ]
+    if ours.get("matmul_tflops_measured"):
+        notes.append(f"the device's measured 8192^3 bf16 matmul rate: {ours['matmul_tflops_measured']} TFLOP/s "
+                     f"(MFU is against the data-sheet peak {peak / 1e12 if peak else '?'} TFLOP/s)")
+    if args.mode == "full" and not args.deepspeed and ours["device"] != "cpu":
+        notes.append("full finetuning without DeepSpeed: weights, gradients and AdamW states all in bf16 on the GPU")
     if peak is None:
         notes.append("no GPU with a known peak: MFU is null (tokens/s only)" if ours["device"] == "cpu"
                      else f"device {ours['device']!r} has no entry in PEAK_BF16: pass --peak-tflops")

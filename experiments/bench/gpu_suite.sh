@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU figures of experiments/bench/gpu_train.py, one JSON per configuration, in priority order (the
+# issue's headline figure first, so a run cut short still brings back the most important ones):
+#
+#   bash experiments/bench/gpu_suite.sh [OUT_DIR] [STEPS]
+#
+# OUT_DIR (default experiments/results/bench/gpu) receives gpu_train_<size>_<mode>.json and suite.log.
+# STEPS timed optimizer steps per run (default 6, after 2 warm-up steps; batch 1 x grad_accum 4 x 4096).
+# GPU_SUITE_EXTRA=--quick runs every step at toy size (a check of the script on a CPU).
+# Each configuration runs under its own time limit, so one that hangs does not take the rest with it.
+set -u -o pipefail
+OUT_DIR=${1:-experiments/results/bench/gpu}
+STEPS=${2:-6}
+THREADS=${BENCH_THREADS:-8}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 BENCH_WORKER_MAX_RSS_GB=${BENCH_WORKER_MAX_RSS_GB:-100}
+cd "$(dirname "$0")/../.."
+LOG="$OUT_DIR/suite.log"
+echo "gpu_suite: $(date -u +%FT%TZ) steps=$STEPS threads=$THREADS" | tee -a "$LOG"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+run() {  # run LIMIT_S NAME ARGS...
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" python3 experiments/bench/gpu_train.py --threads "$THREADS" --steps "$STEPS" --warmup 2 \
+    --out "$OUT_DIR/gpu_train_$name.json" "$@" ${GPU_SUITE_EXTRA:-} 2>&1 | tee -a "$LOG" | grep -E '^\[gpu_train\]|Error|error:' 
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+run 200 8b_lora --size 8b --mode lora
+run 120 1b_lora --size 1b --mode lora
+run 100 smollm2_lora --size smollm2 --mode lora
+run 240 8b_full --size 8b --mode full
+[ -n "${GPU_SUITE_COMPILE:-}" ] && run 200 8b_lora_compile --size 8b --mode lora --compile --no-trl
+exit 0
