@@ -33,5 +33,9 @@ run 200 8b_lora --size 8b --mode lora
 run 120 1b_lora --size 1b --mode lora
 run 100 smollm2_lora --size smollm2 --mode lora
 run 240 8b_full --size 8b --mode full
-[ -n "${GPU_SUITE_COMPILE:-}" ] && run 200 8b_lora_compile --size 8b --mode lora --compile --no-trl
+# torch.compile: about 150 s of compiling before the first step, so only on request (GPU_SUITE_COMPILE=1)
+if [ -n "${GPU_SUITE_COMPILE:-}" ]; then
+  run 240 8b_lora_compile --size 8b --mode lora --compile --no-trl
+  run 240 8b_lora_compile_bs2 --size 8b --mode lora --compile --no-trl --batch-size 2 --grad-accum 2
+fi
 exit 0

@@ -205,6 +205,22 @@ def _matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return round(2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, 1)
 
 
+def _variant(args) -> str:
+    """What sets this run apart from the defaults, for the figure's name: ` (compiled, batch 2x2)`."""
+    parts = []
+    if args.compile:
+        parts.append("compiled")
+    if (args.batch_size, args.grad_accum) != (1, 4):
+        parts.append(f"batch {args.batch_size}x{args.grad_accum}")
+    if args.seq != 4096:
+        parts.append(f"seq {args.seq}")
+    if args.gradient_checkpointing:
+        parts.append("grad ckpt")
+    if args.deepspeed:
+        parts.append(args.deepspeed)
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _deepspeed_config(name: str) -> dict:
     """One of conf/deepspeed/<name>.yaml's `config` (its "auto" values are filled by the Trainer)."""
     from omegaconf import OmegaConf
@@ -282,11 +298,12 @@ def main() -> None:
     fpt = flops_per_token(ARCHS[args.size], ours["n_matmul_params"], args.seq, args.mode)
     for r in results.values():
         r["mfu"] = round(fpt * r["tokens_per_s"] / peak, 4) if peak and r["tokens_per_s"] else None
-    comps = [common.comparison(f"MFU, {args.size} {args.mode}", ours["mfu"], None, op=">=" if args.size == "8b" and args.mode == "lora" else None,
+    variant = _variant(args)
+    comps = [common.comparison(f"MFU, {args.size} {args.mode}{variant}", ours["mfu"], None, op=">=" if args.size == "8b" and args.mode == "lora" else None,
                                target=0.4 if args.size == "8b" and args.mode == "lora" else None, unit="",
                                ratio=ours["mfu"])]
     if "trl" in results:
-        comps.append(common.comparison(f"tokens/s, {args.size} {args.mode}", round(ours["tokens_per_s"], 2),
+        comps.append(common.comparison(f"tokens/s, {args.size} {args.mode}{variant}", round(ours["tokens_per_s"], 2),
                                        round(results["trl"]["tokens_per_s"], 2), op=">=", target=1.0, unit="tokens/s",
                                        baseline_label="TRL SFTTrainer"))
     notes = [

@@ -38,7 +38,10 @@ def load(folder: Path) -> list[dict]:
 def rows(results: list[dict]) -> list[list[str]]:
     table = []
     for d in results:
-        name = d["benchmark"] + ("*" if d.get("quick") else "")
+        # one benchmark run several ways (gpu_train_8b_lora.json, gpu_train_8b_full.json): name the file
+        stem = Path(d["_path"]).stem
+        label = d["benchmark"] if stem == d["benchmark"] else f"{d['benchmark']} [{stem.removeprefix(d['benchmark'] + '_')}]"
+        name = label + ("*" if d.get("quick") else "")
         for c in d["comparisons"]:
             met = {True: "yes", False: "NO", None: "-"}[c.get("met")]
             unit = f" [{c['unit']}]" if c.get("unit") and c["unit"] not in c["figure"] else ""
@@ -70,6 +73,16 @@ def render(table: list[list[str]], markdown: bool) -> str:
     return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(r) for r in table])
 
 
+def gpu_names(d: dict) -> str:
+    """The GPUs the benchmark ran on: the parent's view, else the devices its workers reported (gpu_train's
+    parent process never imports torch, so its `machine` lists none)."""
+    names = [g["name"] for g in d.get("machine", {}).get("gpus", [])]
+    if not names:
+        sides = (d.get("figures") or {}).get("sides") or {}
+        names = sorted({s["device"] for s in sides.values() if isinstance(s, dict) and s.get("device") not in (None, "cpu")})
+    return ", ".join(names) or "none"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=common.RESULTS_DIR)
@@ -86,7 +99,7 @@ def main() -> None:
         commit = (v.get("atlas_exp_commit") or "?")[:10] + ("+changes" if v.get("atlas_exp_tracked_changes") else "")
         print(f"{d['benchmark']}{'*' if d.get('quick') else ''}: {d.get('date')}, {d.get('wall_seconds')} s, "
               f"{m.get('cpu_model')} ({m.get('cpu_usable')} cores, {m.get('ram_gb')} GB, load {m.get('loadavg_1_5_15')}, "
-              f"GPU {', '.join(g['name'] for g in m.get('gpus', [])) or 'none'}), threads {m.get('OMP_NUM_THREADS')}, "
+              f"GPU {gpu_names(d)}), threads {m.get('OMP_NUM_THREADS')}, "
               f"torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, commit {commit}")
     if any(d.get("quick") for d in results):
         print("* quick run: small sizes, a check that the benchmark runs; rerun without --quick for the figures to quote")
