@@ -166,9 +166,26 @@ def machine_info() -> dict[str, Any]:
                 p = torch.cuda.get_device_properties(i)
                 gpus.append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
         info["torch_threads"] = torch.get_num_threads()
+    else:  # a parent that leaves the GPU work to child processes: ask the driver
+        gpus = _nvidia_smi_gpus()
     info["gpus"] = gpus
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     return info
+
+
+def _nvidia_smi_gpus() -> list[dict[str, Any]]:
+    """The NVIDIA GPUs `nvidia-smi` lists (none where it is missing or fails)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        name, _, mib = line.rpartition(",")
+        if name.strip():
+            gpus.append({"name": name.strip(), "memory_gb": round(float(mib) / 1024, 1) if mib.strip().isdigit() else None})
+    return gpus
 
 
 _PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "llama_cpp_python", "openai", "psutil")

@@ -9,12 +9,13 @@
 # GPU_SUITE_EXTRA=--quick runs every step at toy size (a check of the script on a CPU).
 # Each configuration runs under its own time limit, so one that hangs does not take the rest with it.
 set -u -o pipefail
-OUT_DIR=${1:-experiments/results/bench/gpu}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+OUT_DIR=${1:-$REPO/experiments/results/bench/gpu}
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)  # absolute: the runs below start in the repository
 STEPS=${2:-6}
 THREADS=${BENCH_THREADS:-8}
-mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 BENCH_WORKER_MAX_RSS_GB=${BENCH_WORKER_MAX_RSS_GB:-100}
-cd "$(dirname "$0")/../.."
+cd "$REPO"
 LOG="$OUT_DIR/suite.log"
 echo "gpu_suite: $(date -u +%FT%TZ) steps=$STEPS threads=$THREADS" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"

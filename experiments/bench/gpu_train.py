@@ -205,14 +205,17 @@ def _matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return round(2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, 1)
 
 
-def _variant(args) -> str:
-    """What sets this run apart from the defaults, for the figure's name: ` (compiled, batch 2x2)`."""
+def _variant(args, defaults) -> str:
+    """What sets this run apart from the parser's `defaults`, for the figure's name: ` (compiled, batch 2x2)`."""
+    def changed(*names: str) -> bool:
+        return any(getattr(args, n) != defaults.get_default(n) for n in names)
+
     parts = []
     if args.compile:
         parts.append("compiled")
-    if (args.batch_size, args.grad_accum) != (1, 4):
+    if changed("batch_size", "grad_accum"):
         parts.append(f"batch {args.batch_size}x{args.grad_accum}")
-    if args.seq != 4096:
+    if changed("seq"):
         parts.append(f"seq {args.seq}")
     if args.gradient_checkpointing:
         parts.append("grad ckpt")
@@ -298,7 +301,7 @@ def main() -> None:
     fpt = flops_per_token(ARCHS[args.size], ours["n_matmul_params"], args.seq, args.mode)
     for r in results.values():
         r["mfu"] = round(fpt * r["tokens_per_s"] / peak, 4) if peak and r["tokens_per_s"] else None
-    variant = _variant(args)
+    variant = _variant(args, p)
     comps = [common.comparison(f"MFU, {args.size} {args.mode}{variant}", ours["mfu"], None, op=">=" if args.size == "8b" and args.mode == "lora" else None,
                                target=0.4 if args.size == "8b" and args.mode == "lora" else None, unit="",
                                ratio=ours["mfu"])]

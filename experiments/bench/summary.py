@@ -74,8 +74,8 @@ def render(table: list[list[str]], markdown: bool) -> str:
 
 
 def gpu_names(d: dict) -> str:
-    """The GPUs the benchmark ran on: the parent's view, else the devices its workers reported (gpu_train's
-    parent process never imports torch, so its `machine` lists none)."""
+    """The GPUs the benchmark ran on: `machine.gpus`, else the devices its workers reported (results written
+    before `machine_info` asked nvidia-smi, by a parent process that never imported torch, list none)."""
     names = [g["name"] for g in d.get("machine", {}).get("gpus", [])]
     if not names:
         sides = (d.get("figures") or {}).get("sides") or {}
