@@ -1,4 +1,10 @@
-"""Shared fixtures: the real data beside the repository and the real SmolLM2 model/tokenizer."""
+"""Shared fixtures: the real data beside the repository and the real SmolLM2 model/tokenizer.
+
+Real data (`../shared/data`, or `$ATLAS_SHARED_DATA`) is on developer machines and in CI, not in a user's
+clone: without it, the tests that replay it skip with `SHARED_DATA_MISSING` in their reason and the others
+run. In CI (`CI=true`) it must be there: the `shared_data` fixture fails instead of skipping, and a session
+in which any test still skipped for that reason ends with a failing exit status.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATLAS_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: what the tests read from it (`shared_data` checks that each is there)
+SHARED_DATA_PARTS = ("agenttraj_l", "alfworld", "judge")
+#: the one reason (prefix) of every skip for missing real data; `pytest_sessionfinish` looks for it
+SHARED_DATA_MISSING = "real data not found (../shared/data or $ATLAS_SHARED_DATA)"
 #: converted models are cached here across tests (and across CI steps of one run)
 TEST_CACHE = Path(os.environ.get("ATLAS_EXP_TEST_CACHE", REPO / "outputs" / ".cache"))
 
@@ -17,12 +27,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_shared_data() -> str | None:
+    """Why the real data cannot be used (names the missing paths), or None when it is all there."""
+    missing = [SHARED_DATA / p for p in SHARED_DATA_PARTS if not (SHARED_DATA / p).is_dir()]
+    if not missing:
+        return None
+    return (f"{SHARED_DATA_MISSING}: missing {', '.join(map(str, missing))}; "
+            f"set ATLAS_SHARED_DATA to the folder holding {', '.join(p + '/' for p in SHARED_DATA_PARTS)}")
+
+
+def require_shared_data() -> Path:
+    """SHARED_DATA, or skip (fail under CI=true) saying what is missing. For fixtures, tests, and module level:
+    a test module that reads real data at import calls this first, so that collection does not crash."""
+    reason = missing_shared_data()
+    if reason is not None:
+        if in_ci():
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+    return SHARED_DATA
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """`../shared/data` (AgentTraj-L, ALFWorld, ETO metadata): real records that tests replay."""
-    if not (SHARED_DATA / "agenttraj_l").is_dir():
-        raise RuntimeError(f"real data not found at {SHARED_DATA}; set ATLAS_SHARED_DATA")
-    return SHARED_DATA
+    """`../shared/data` (AgentTraj-L, ALFWorld, judge replies, ETO metadata): real records that tests replay."""
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +86,43 @@ def smollm2_tokenizer(smollm2_spec, smollm2_dir):
     from atlas_exp.models import load_tokenizer
 
     return load_tokenizer(smollm2_spec, TEST_CACHE)
+
+
+# --------------------------------------------------------------------------------------------- CI policy
+
+#: node ids of the tests (or collectors) that skipped for missing real data, in this session
+_skipped_for_shared_data: list[str] = []
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, lineno, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr or "")
+
+
+def _note_skip(report) -> None:
+    if report.skipped and SHARED_DATA_MISSING in _skip_reason(report):
+        _skipped_for_shared_data.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report) -> None:
+    _note_skip(report)
+
+
+def pytest_collectreport(report) -> None:
+    _note_skip(report)  # a module that skips at import time (pytest.skip(..., allow_module_level=True))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if in_ci() and _skipped_for_shared_data and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if in_ci() and _skipped_for_shared_data:
+        terminalreporter.section("real data required in CI", sep="=", red=True, bold=True)
+        terminalreporter.line(f"CI=true, yet {len(_skipped_for_shared_data)} test(s) skipped for {SHARED_DATA_MISSING!r} "
+                              f"(SHARED_DATA={SHARED_DATA}); every one must run in CI:", red=True)
+        for nodeid in _skipped_for_shared_data:
+            terminalreporter.line(f"  {nodeid}")
