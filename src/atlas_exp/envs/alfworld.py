@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult, agentgym_action
 from atlas_exp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -384,11 +384,7 @@ class AlfworldEnv(Env):
         "Action:" if any, stripped (text spanning lines is then not a command, and the game says "Nothing
         happens."). A reply without "Action:" is sent whole by AgentGym; here it gives None (the evaluator's
         fallback), like a reply whose action is empty."""
-        reply = reply.removesuffix("</s>")
-        parts = reply.split("Action:")
-        if len(parts) < 2:
-            return None
-        return parts[1].strip() or None
+        return agentgym_action(reply)
 
     def close(self) -> None:
         """Drop the TextWorld env.

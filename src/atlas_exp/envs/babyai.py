@@ -44,7 +44,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from atlas_exp.envs.base import EpisodeSpec, Env, StepResult
+from atlas_exp.envs.base import EpisodeSpec, Env, StepResult, agentgym_action
 from atlas_exp.errors import DataError
 
 #: The first human turn of every AgentTraj-L BabyAI conversation, verbatim.
@@ -196,6 +196,12 @@ class BabyAIEnv(Env):
             info={"recognized": recognized, "steps": self.steps_taken, "truncated": truncated,
                   "primitive_steps": int(self._env.step_count)},
         )
+
+    def action_from_reply(self, reply: str) -> str | None:
+        """What AgentGym's BabyAI client sent when the data were recorded: the text after the first "Action:"
+        (up to a second one), stripped, as written: an action spanning two lines or ending in a full stop is
+        "not recognized", as in the data's 21 such turns (`base.agentgym_action`); None without "Action:"."""
+        return agentgym_action(reply)
 
     def close(self) -> None:
         for env in self._envs.values():

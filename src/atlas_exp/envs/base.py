@@ -1,6 +1,6 @@
 """The environment contract that the evaluation loop and the expert recorders talk to.
 
-Every env (textcraft, babyai, sciworld, alfworld) speaks *text in the wording of the training data*: the
+Every env (textcraft, babyai, sciworld, alfworld, maze, wordle) speaks *text in the wording of the training data*: the
 model is finetuned on AgentTraj-L conversations, so at evaluation time it must see the very same
 instruction prompt and observation phrasing, or we would be measuring prompt drift instead of the effect of
 step selection. An env therefore exposes
@@ -12,6 +12,24 @@ step selection. An env therefore exposes
 Replies are written in AgentGym's ReAct format (`Thought:\\n...\\n\\nAction:\\n<action>`); `parse_action`
 pulls the action out of one, and `Env.action_from_reply` lets an env reproduce exactly what its AgentGym
 client sent to the server (some clients clean actions up, see TextCraft).
+
+Which extraction each env uses. AgentGym's clients changed after AgentTraj-L was recorded: the 2024 ones
+(the data's) send the text after the first `Action:` up to a second one, stripped, multi-line text and
+punctuation included (TextCraft's: after the last `Action:`, then only letters, digits, commas and spaces);
+the current TextCraft and BabyAI clients take only the line after `Action:`, strip punctuation and refuse a
+reply with two markers. The data show the 2024 rule at work (18 BabyAI and 2 TextCraft turns whose action
+ran over two lines, and BabyAI's "go to purple box 1.", got the game's answer to the text as sent: "not
+recognized", "could not find a valid recipe"; the trajectories go on from those answers), so a model trained on them learned that feedback. Every env here
+therefore keeps the data's rule, and an AgentGym HTTP env (`envs/agentgym_http.py`) parses exactly as the
+in-process env of the same name:
+
+| env | extraction | no `Action:` |
+|---|---|---|
+| textcraft | after the last `Action:` (before any `Instruction:`), then letters/digits/commas/spaces only | the whole reply, cleaned (the data hold one) |
+| babyai, sciworld, alfworld, maze, wordle | `agentgym_action`: after the first `Action:`, up to a second, stripped | None |
+
+None counts as an invalid action in the evaluation (`eval/rollout.py`), which then sends the reply's last
+line, so every env, in-process or over HTTP, counts `invalid_actions` the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +38,8 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+from atlas_exp.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,32 @@ class Env(ABC):
 
 # "Action:" anywhere (the last one wins, as in AgentGym's clients), tolerating blanks before the colon.
 _ACTION_MARK = re.compile(r"Action\s*:", re.IGNORECASE)
+
+
+def item_number(item: int | str, prefixes: tuple[str, ...], env: str) -> int:
+    """The data index of an AgentGym item: an int as is, or the trailing number of an item id that starts with
+    one of `prefixes` (`"lmrlgym_maze_13"` -> 13). A DataError names the expected form otherwise."""
+    if isinstance(item, str):
+        text = item.strip()
+        prefix = next((p for p in prefixes if text.startswith(p)), "")
+        if not text[len(prefix):].isdigit():
+            raise DataError(f"not a {env} item id (expected '{prefixes[0]}<n>'): {item!r}")
+        item = int(text[len(prefix):])
+    if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+        raise DataError(f"a {env} item is an int >= 0 or '{prefixes[0]}<n>', got {item!r}")
+    return item
+
+
+def agentgym_action(reply: str) -> str | None:
+    """The action AgentGym's 2024 clients (the ones AgentTraj-L was recorded with) sent for a reply: the text
+    after the first "Action:", up to a second one if any, stripped (it may span lines: the env then answers
+    that it does not understand, as in the data); a trailing "</s>" is dropped. None when the reply has no
+    "Action:" or nothing after it (AgentGym then sent the whole reply; the evaluator counts an invalid action
+    and sends the reply's last line)."""
+    parts = reply.removesuffix("</s>").split("Action:")
+    if len(parts) < 2:
+        return None
+    return parts[1].strip() or None
 
 
 def parse_action(reply: str) -> str | None:

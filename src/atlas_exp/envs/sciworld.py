@@ -62,7 +62,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult, agentgym_action
 from atlas_exp.errors import ConfigError, DataError
 
 #: The first human turn of every AgentTraj-L ScienceWorld conversation, verbatim.
@@ -531,10 +531,7 @@ class SciWorldEnv(Env):
         matches). A reply without "Action:" is sent whole by AgentGym; here it gives None (the evaluator's
         fallback), like a reply whose action is empty. A trailing "</s>" is dropped (AgentGym cut five
         characters there, one too many; the data never show it)."""
-        parts = reply.removesuffix("</s>").split("Action:")
-        if len(parts) < 2:
-            return None
-        return parts[1].strip() or None
+        return agentgym_action(reply)
 
     def close(self) -> None:
         if self._server is not None:
