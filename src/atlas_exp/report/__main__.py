@@ -32,7 +32,11 @@ from atlas_exp.report.collect import (
     collect_wandb,
     common_overrides,
 )
+from atlas_exp.report.compare import agreement_with_oracle, paired_vs_all
+from atlas_exp.report.sections import agreement_md, categories_md, compute_md, paired_md
+from atlas_exp.report.stats import DEFAULT_B
 from atlas_exp.report.table import (
+    NO_CI_MARK,
     PAPER_SOURCE,
     Table,
     aggregate,
@@ -61,7 +65,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="read the eval runs of this W&B project instead of a sweep dir (needs --out)")
     p.add_argument("--group", default=None,
                    help="with --from-wandb: only runs of this W&B group (the app's logger.group: experiment_name by default)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_B, metavar="N",
+                   help=f"bootstrap replicates per confidence interval (default {DEFAULT_B}; 0: no intervals)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="S",
+                   help="seed of the bootstrap draws (default 0): the same report for the same runs")
     a = p.parse_args(list(argv))
+    if a.bootstrap < 0:
+        p.error(f"--bootstrap {a.bootstrap}: give 0 (no intervals) or more replicates")
     if a.from_wandb and a.sweep_dir is not None:
         p.error("give a sweep dir or --from-wandb, not both")
     if not a.from_wandb and a.sweep_dir is None:
@@ -97,7 +107,21 @@ class Provenance:
     date: str
 
 
-def render_report(prov: Provenance, runs: Sequence[RunRow], table: Table, plots: Sequence) -> str:
+def ci_method_text(b: int, seed: int) -> str:
+    if b <= 0:
+        return "No confidence intervals (`--bootstrap 0`): cells are mean ± sample std over seeds."
+    return (f"Intervals: percentile bootstrap, {b} replicates (seed {seed}; `--bootstrap N`). A replicate draws the "
+            "row's seeds with replacement, then for each drawn seed resamples the episodes of that seed's run "
+            "(`eval/<task>/<episode>.json`; for an offline expert-steps task an episode is one held-out expert "
+            "trajectory, scored by the share of its steps reproduced), and recomputes the cell (a split average: "
+            "the unweighted mean over its tasks); with one seed only the episodes are resampled. The interval "
+            "shows episode noise and seed noise together. "
+            f"{NO_CI_MARK} = no interval: a run of the cell has no episode files that reproduce its results.json "
+            "value, so the cell is results.json's mean ± std over seeds.")
+
+
+def render_report(prov: Provenance, runs: Sequence[RunRow], table: Table, plots: Sequence,
+                  b: int = DEFAULT_B, seed: int = 0) -> str:
     incomplete = [r for r in runs if not r.complete]
     n_done = len(runs) - len(incomplete)
     lines = [
@@ -118,10 +142,13 @@ def render_report(prov: Provenance, runs: Sequence[RunRow], table: Table, plots:
         "",
         "## Main table",
         "",
-        ("Cells: mean ± sample std over the seeds of a row (std omitted for one run); values in percent "
-         "(success rate; ScienceWorld: score), as results.json reports them. `n` = complete runs in the row; "
-         "a cell with fewer runs (a task without a finished episode) says its own n. Achieved ratio = selected / "
-         "all steps; supervised tokens = tokens the loss saw (training_summary.json `data/n_supervised_tokens`)."),
+        ("Cells: mean over the seeds of a row [95% confidence interval]; values in percent (success rate; "
+         "ScienceWorld and the offline expert-steps tasks: score), as results.json reports them. `n` = complete "
+         "runs in the row; a cell with fewer runs (a task without a finished episode) says its own n. Achieved "
+         "ratio = selected / all steps; supervised tokens = tokens the loss saw (training_summary.json "
+         "`data/n_supervised_tokens`), mean [interval over seeds]."),
+        "",
+        ci_method_text(b, seed),
         "",
     ]
     if table.rows:
@@ -129,8 +156,42 @@ def render_report(prov: Provenance, runs: Sequence[RunRow], table: Table, plots:
         lines += ["", (f"† **The paper's published numbers, not from this sweep**: {PAPER_SOURCE}. "
                        "Shown for comparison on rows that correspond to a paper row; the paper's setup (model, "
                        "data, evaluation tasks) differs from this sweep's unless the sweep reproduces it.")]
+        missing = [(row, c) for row in table.rows for c in table.columns if row.cells[c.key].no_ci]
+        if missing:
+            lines += ["", f"{NO_CI_MARK} Cells without an interval:", ""]
+            lines += [f"- {row.key.selector_label} {row.key.ratio_label}, {c.label}: {row.cells[c.key].no_ci}"
+                      for row, c in missing]
     else:
         lines.append("_No complete run: nothing to aggregate._")
+    lines += ["", "## Paired comparison with all steps", "",
+              ("Per unit present in both the row and the `all steps` row (selector=all): offline expert-steps tasks, "
+               "one unit per (seed, trajectory, step), the difference of `action_correct`; env tasks, one unit per "
+               "(seed, episode id), the difference of success (or score). Cell: mean difference row - all in "
+               "percentage points [paired bootstrap 95% interval: seeds, then trajectories (their steps together) or "
+               "episodes within a seed] (n = units); a split: the unweighted mean over its tasks. `seeds`: matched "
+               "seeds (only those count), or none shared, when each run of the row is paired with the mean of the "
+               "`all` runs on each unit."), ""]
+    lines += paired_md(paired_vs_all(table, b, seed), table) if b > 0 else ["_Not computed (`--bootstrap 0`)._"]
+    lines += ["", "## Agreement with the oracle's selection", "",
+              ("Mean Jaccard |A ∩ B| / |A ∪ B| of the selected steps of each selector and of the oracle at the same "
+               "ratio, over the trajectories both selected from (same id and step count; seed by seed, the oracle "
+               "run of the same seed or else its lowest seed: its choice does not depend on the seed), then the mean "
+               "over the row's seeds. 1 = the same steps, 0 = none in common."), ""]
+    lines += agreement_md(agreement_with_oracle(runs), len(table.models))
+    lines += ["", "## Categories of the selected steps per env", "",
+              ("Selected steps per category, mean per run of the row (share of the row's categorised selected steps), "
+               "from selection.jsonl with each trajectory's env from trajectories.jsonl; achieved ratio = the env's "
+               "selected / all steps (selection_summary.json `per_env`)."), ""]
+    lines += categories_md(runs)
+    lines += ["", "## Compute", "",
+              ("What each row cost, beside its split averages; mean [bootstrap 95% interval over seeds]. Supervised "
+               "tokens: tokens the loss saw per epoch (`data/n_supervised_tokens`); input tokens / epoch: all tokens "
+               "of the training examples (`data/n_tokens`, after dropping what follows the last selected step); input "
+               "tokens processed: that times the epochs run (with `train.max_steps`: global steps x global batch / "
+               "examples, an estimate at the mean example length); train s / select s: wall time of the train and "
+               "select stages (training_summary.json / selection_summary.json `seconds`; a cached selection is "
+               "fast, so select s is the cost of this run's selection, not of the first one)."), ""]
+    lines += compute_md(table)
     lines += ["", f"## The paper's published numbers ({PAPER_SOURCE})", "",
               "Not produced by this sweep; for reference.", ""]
     lines += paper_table_md()
@@ -172,7 +233,7 @@ def run(argv: Sequence[str]) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AtlasError(f"--out {out}: cannot create: {e.strerror or e}") from None
-    table = aggregate(runs)
+    table = aggregate(runs, a.bootstrap, a.bootstrap_seed)
     plots = make_plots(table, runs, out)
     prov = Provenance(
         source=source,
@@ -182,7 +243,7 @@ def run(argv: Sequence[str]) -> Path:
     )
     try:
         atomic_write_text(out / "report.csv", to_csv(table))
-        atomic_write_text(out / "report.md", render_report(prov, runs, table, plots))
+        atomic_write_text(out / "report.md", render_report(prov, runs, table, plots, a.bootstrap, a.bootstrap_seed))
     except OSError as e:
         raise AtlasError(f"--out {out}: cannot write the report: {e.strerror or e}") from None
     n_inc = sum(not r.complete for r in runs)

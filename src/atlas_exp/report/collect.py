@@ -11,6 +11,7 @@ a crashed or still-running job shows up in the report instead of silently shrink
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -63,6 +64,17 @@ class TaskScore:
     n: int | None = None
 
 
+@dataclass(frozen=True)
+class Episode:
+    """One finished episode of a task, from its `eval/<task>/<episode>.json`: the unit the report's
+    confidence intervals and paired comparisons resample."""
+
+    #: in [0, 1]: success (1 or 0) or score, whichever the task's metric is
+    value: float
+    #: expert_steps tasks: `action_correct` of each scored step, in step order (None for env episodes)
+    steps: tuple[bool, ...] | None = None
+
+
 @dataclass
 class RunRow:
     """Everything the report needs from one run: its identity (selector, ratio, seed, ...), its scores,
@@ -87,6 +99,8 @@ class RunRow:
     supervised_tokens: int | None = None
     #: env -> category -> selected steps with that category (empty when the selector gives no categories)
     categories: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: env -> achieved ratio in that env (selection_summary.json `per_env`)
+    per_env_ratio: dict[str, float] = field(default_factory=dict)
     #: the overrides of the Hydra job (`.hydra/overrides.yaml`), for the variant and the report
     overrides: list[str] = field(default_factory=list)
     #: override keys that do not change results (Hydra's override_dirname.exclude_keys of the run)
@@ -94,6 +108,17 @@ class RunRow:
     #: for incomplete runs: which stage artifacts exist
     has: list[str] = field(default_factory=list)
     path: Path | None = None
+    #: per task, per episode id: the episodes results.json counted (absent: no usable episode files, see
+    #: `episode_notes`); what the confidence intervals resample
+    episodes: dict[str, dict[str, Episode]] = field(default_factory=dict)
+    #: per task without usable episode files: why (the report then shows results.json's value, no CI)
+    episode_notes: dict[str, str] = field(default_factory=dict)
+    #: compute: input tokens of the training examples per epoch (`data/n_tokens`), the same over the
+    #: whole training (an estimate when training stopped at max_steps), training and selection wall time
+    input_tokens: int | None = None
+    tokens_processed: float | None = None
+    train_seconds: float | None = None
+    select_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -292,14 +317,97 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRow:
     )
     if sel_sum.get("categories"):
         row.categories = read_categories(rd)
+    per_env = sel_sum.get("per_env")
+    for env, e in (per_env.items() if isinstance(per_env, Mapping) else ()):
+        v = _num(e.get("achieved_ratio")) if isinstance(e, Mapping) else None
+        if v is not None:
+            row.per_env_ratio[str(env)] = v
+    row.input_tokens = _int(train_sum.get("data/n_tokens"))
+    row.tokens_processed = tokens_processed(train_sum, cfg.get("train"))
+    row.train_seconds = _num(train_sum.get("seconds"))
+    row.select_seconds = _num(sel_sum.get("seconds"))
     if results is not None:
         row.tasks, row.split_averages = parse_results(results, str(results_path))
         row.complete = True
+        row.episodes, row.episode_notes = read_episodes(rd, row.tasks)
     else:
         row.has = [name for name, p in (("trajectories", rd.trajectories), ("selection", rd.selection),
                                          ("training summary", rd.training_summary), ("eval (no results.json)", rd.eval_dir))
                    if p.exists()]
     return row
+
+
+def tokens_processed(train_sum: Mapping[str, Any], train_cfg: Any) -> float | None:
+    """Input tokens the model processed over its whole training: the examples' tokens per epoch times the
+    epochs run. With `train.max_steps > 0` the epochs run are global_step x global batch / examples (an
+    estimate: it assumes the examples seen have the mean length); otherwise `train.epochs`."""
+    n_tokens, n_ex = _num(train_sum.get("data/n_tokens")), _num(train_sum.get("n_examples"))
+    if n_tokens is None or not isinstance(train_cfg, Mapping):
+        return None
+    max_steps = _num(train_cfg.get("max_steps"))
+    if max_steps is not None and max_steps > 0:
+        step, bs, ga = (_num(train_sum.get("global_step")), _num(train_cfg.get("per_device_batch_size")),
+                        _num(train_cfg.get("grad_accum")))
+        world = _num(train_sum.get("world_size")) or 1.0
+        if step is None or bs is None or ga is None or not n_ex:
+            return None
+        return n_tokens * step * bs * ga * world / n_ex
+    epochs = _num(train_cfg.get("epochs"))
+    return n_tokens * epochs if epochs is not None else None
+
+
+def _episode(rec: Mapping[str, Any], metric: str | None) -> Episode | None:
+    if metric == "score":
+        value = _num(rec.get("score"))
+    else:
+        value = 1.0 if rec.get("success") is True else 0.0 if rec.get("success") is False else None
+    if value is None:
+        return None
+    steps = rec.get("steps")
+    if isinstance(steps, list) and all(isinstance(s, Mapping) and isinstance(s.get("action_correct"), bool) for s in steps):
+        ordered = sorted(steps, key=lambda s: _int(s.get("step")) or 0)
+        return Episode(value, tuple(bool(s["action_correct"]) for s in ordered))
+    return Episode(value)
+
+
+def read_episodes(rd: RunDir, tasks: Mapping[str, TaskScore]) -> tuple[dict[str, dict[str, Episode]], dict[str, str]]:
+    """Per task, the episode files behind results.json's value.
+
+    An eval folder can also hold episodes of an earlier config of the task (the eval stage replays them
+    and keeps the files), so the files are grouped by their `fingerprint` and the group that reproduces
+    results.json (same n, same value to 0.01 points) is taken; when none does, the task gets a note and
+    no episodes, and the report falls back to results.json's value without an interval. Unreadable
+    files count as missing.
+    """
+    episodes: dict[str, dict[str, Episode]] = {}
+    notes: dict[str, str] = {}
+    for name, t in tasks.items():
+        if not t.n or t.value is None:
+            continue
+        folder = rd.eval_dir / name
+        if not folder.is_dir():
+            notes[name] = "no episode files"
+            continue
+        groups: dict[str, dict[str, Episode]] = defaultdict(dict)
+        for p in sorted(folder.glob("*.json")):
+            try:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(rec, dict) or rec.get("task", name) != name:
+                continue
+            ep = _episode(rec, t.metric)
+            if ep is not None:
+                groups[str(rec.get("fingerprint"))][str(rec.get("episode", p.stem))] = ep
+        match = [g for g in groups.values() if len(g) == t.n
+                 and abs(100.0 * sum(e.value for e in g.values()) / len(g) - t.value) <= 0.01]
+        if match:
+            episodes[name] = dict(sorted(match[0].items()))
+        else:
+            found = sum(len(g) for g in groups.values())
+            notes[name] = (f"episode files ({found}) do not reproduce results.json (n={t.n}, value {t.value:g})"
+                           if found else "no episode files")
+    return episodes, notes
 
 
 def results_file(rd: RunDir) -> Path | None:

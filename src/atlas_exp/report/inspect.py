@@ -17,7 +17,6 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,41 +26,10 @@ from atlas_exp.artifacts import atomic_write_text
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.pipeline import RunDir
+from atlas_exp.report.agreement import Agreement, agreement, jaccard  # noqa: F401 (re-exported)
 from atlas_exp.selectors.base import Selection
 
 log = logging.getLogger(__name__)
-
-
-def jaccard(a: set[int], b: set[int]) -> float:
-    """|a & b| / |a | b|; two empty selections agree fully."""
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
-@dataclass
-class Agreement:
-    """How two selections of the same trajectories agree, per trajectory and on average."""
-
-    other: str
-    per_trajectory: dict[str, float]
-    n_common: int
-
-    @property
-    def mean(self) -> float:
-        return sum(self.per_trajectory.values()) / len(self.per_trajectory) if self.per_trajectory else 0.0
-
-
-def agreement(a: Sequence[Selection], b: Sequence[Selection], other: str) -> Agreement:
-    by_id = {s.id: s for s in b}
-    per: dict[str, float] = {}
-    for s in a:
-        t = by_id.get(s.id)
-        if t is not None and t.n_steps == s.n_steps:
-            per[s.id] = jaccard(set(s.selected_steps), set(t.selected_steps))
-    if not per:
-        raise AtlasError(f"inspect.compare_to={other}: no trajectory in common with this run's selection")
-    return Agreement(other=other, per_trajectory=per, n_common=len(per))
 
 
 def token_counts(tokenizer: Any, trajs: Sequence[Trajectory], sels: Sequence[Selection]) -> dict[str, dict[str, int]]:

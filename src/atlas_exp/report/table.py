@@ -15,10 +15,16 @@ import io
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from atlas_exp.eval.results import SPLITS
 from atlas_exp.report.collect import RunRow
+from atlas_exp.report.stats import DEFAULT_B, bootstrap, bootstrap_values, episode_units, rng_for
+
+#: marks a cell without a confidence interval because a run of it has no usable per-episode files
+NO_CI_MARK = "‡"
 
 SPLIT_LABEL = {"held_in": "held-in", "held_out": "held-out", "offline": "offline (expert steps)"}
 #: row order: the paper's order first (the baseline, the method, its ablations), then the rest by name
@@ -66,11 +72,17 @@ def paper_row(selector: str, ratio: float | None) -> PaperRow | None:
 
 @dataclass(frozen=True)
 class Stat:
-    """Mean, sample std (None for n < 2) and n of the runs that have a value."""
+    """Mean, sample std (None for n < 2) and n of the runs that have a value; with the bootstrap 95%
+    interval (`lo`, `hi`, and `units`: the episodes or steps it resampled) where it could be computed,
+    else `no_ci` says why (e.g. a run without per-episode files)."""
 
     mean: float | None
     std: float | None
     n: int
+    lo: float | None = None
+    hi: float | None = None
+    units: int | None = None
+    no_ci: str = ""
 
     @classmethod
     def of(cls, values: Iterable[float | None]) -> Stat:
@@ -78,6 +90,18 @@ class Stat:
         if not xs:
             return cls(None, None, 0)
         return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+
+    @classmethod
+    def over_seeds(cls, values: Iterable[float | None], rng: np.random.Generator, b: int) -> Stat:
+        """A per-run number (tokens, seconds): mean, std and the bootstrap interval over the seeds."""
+        xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+        st = cls.of(xs)
+        ci = bootstrap_values(xs, rng, b) if b > 0 and xs else None
+        return replace(st, lo=ci.lo, hi=ci.hi, units=ci.n) if ci else st
+
+    @property
+    def has_ci(self) -> bool:
+        return self.lo is not None and self.hi is not None
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,23 @@ class Column:
             return run.split_averages.get(self.split)
         t = run.tasks.get(self.task)
         return t.value if t is not None and t.split == self.split else None
+
+    def tasks_of(self, run: RunRow) -> list[str]:
+        """The tasks this cell's value of `run` is computed from (the split's tasks for an average)."""
+        if self.task is None:
+            return [n for n, t in run.tasks.items() if t.split == self.split]
+        return [self.task]
+
+    def units(self, run: RunRow) -> tuple[list[tuple[np.ndarray, np.ndarray]] | None, str]:
+        """The episodes behind this cell's value of `run`, one unit set per task; None and why when a task
+        has no usable episode files."""
+        out = []
+        for name in self.tasks_of(run):
+            eps = run.episodes.get(name)
+            if not eps:
+                return None, run.episode_notes.get(name, "no per-episode files")
+            out.append(episode_units([e.value for e in eps.values()]))
+        return out, ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +173,15 @@ def row_key(run: RunRow) -> RowKey:
     return RowKey(run.model or "?", run.selector, run.variant, ratio)
 
 
+#: per-run compute figures (RunRow attributes) -> label
+COMPUTE = {
+    "input_tokens": "input tokens / epoch",
+    "tokens_processed": "input tokens processed",
+    "train_seconds": "train s",
+    "select_seconds": "select s",
+}
+
+
 @dataclass
 class TableRow:
     key: RowKey
@@ -140,6 +190,8 @@ class TableRow:
     achieved_ratio: Stat
     supervised_tokens: Stat
     paper: PaperRow | None
+    #: COMPUTE's figures, mean and interval over seeds
+    compute: dict[str, Stat] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -172,8 +224,26 @@ def columns_of(runs: Sequence[RunRow]) -> list[Column]:
     return cols
 
 
-def aggregate(runs: Sequence[RunRow]) -> Table:
-    """Complete runs -> the table (incomplete runs are the report's separate list)."""
+def score_cell(col: Column, runs: Sequence[RunRow], b: int, seed: int, name: str) -> Stat:
+    """Mean (± std) over the runs with a value, and the hierarchical bootstrap interval (seeds, then the
+    episodes of each drawn seed's run; stats.bootstrap) when every one of those runs has its episodes."""
+    have = [r for r in runs if col.value(r) is not None]
+    st = Stat.of(col.value(r) for r in have)
+    if not have or b <= 0:
+        return st
+    units = []
+    for r in have:
+        u, why = col.units(r)
+        if u is None:
+            return replace(st, no_ci=f"{r.run_id}: {why}")
+        units.append(u)
+    ci = bootstrap(units, rng_for(seed, name, col.key), b, scale=100.0)
+    return replace(st, lo=ci.lo, hi=ci.hi, units=ci.n) if ci else replace(st, no_ci="no episodes")
+
+
+def aggregate(runs: Sequence[RunRow], b: int = DEFAULT_B, seed: int = 0) -> Table:
+    """Complete runs -> the table (incomplete runs are the report's separate list). `b` bootstrap
+    replicates per interval (0: none), drawn from generators seeded by `seed` and the cell."""
     done = [r for r in runs if r.complete]
     cols = columns_of(done)
     groups: dict[RowKey, list[RunRow]] = {}
@@ -182,13 +252,19 @@ def aggregate(runs: Sequence[RunRow]) -> Table:
     rows = []
     for key in sorted(groups, key=RowKey.sort_key):
         rs = groups[key]
+        name = f"{key.model}|{key.selector}|{key.variant}|{key.ratio}"
+
+        def seeds(attr: str) -> Stat:
+            return Stat.over_seeds((getattr(r, attr) for r in rs), rng_for(seed, name, attr), b)
+
         rows.append(TableRow(
             key=key,
             runs=sorted(rs, key=lambda r: (r.seed is None, r.seed or 0, r.run_id)),
-            cells={c.key: Stat.of(c.value(r) for r in rs) for c in cols},
+            cells={c.key: score_cell(c, rs, b, seed, name) for c in cols},
             achieved_ratio=Stat.of(r.achieved_ratio for r in rs),
-            supervised_tokens=Stat.of(r.supervised_tokens for r in rs),
+            supervised_tokens=seeds("supervised_tokens"),
             paper=paper_row(key.selector, key.ratio),
+            compute={attr: seeds(attr) for attr in COMPUTE},
         ))
     return Table(cols, rows, sorted({r.key.model for r in rows}))
 
@@ -197,10 +273,16 @@ def aggregate(runs: Sequence[RunRow]) -> Table:
 
 
 def fmt_stat(s: Stat, n_row: int, fmt: Callable[[float], str] = lambda x: f"{x:.2f}") -> str:
-    """`mean ± std`; n is shown only where it differs from the row's n (a run without that number)."""
+    """`mean [lo, hi]` (the bootstrap 95% interval), else `mean ± std`, marked ‡ where the interval is
+    missing for want of per-episode files; n is shown only where it differs from the row's n (a run
+    without that number)."""
     if s.mean is None:
         return "—"
-    text = fmt(s.mean) if s.std is None else f"{fmt(s.mean)} ± {fmt(s.std)}"
+    if s.has_ci:
+        text = f"{fmt(s.mean)} [{fmt(s.lo)}, {fmt(s.hi)}]"  # type: ignore[arg-type]
+    else:
+        text = fmt(s.mean) if s.std is None else f"{fmt(s.mean)} ± {fmt(s.std)}"
+        text += f" {NO_CI_MARK}" if s.no_ci else ""
     return text if s.n == n_row else f"{text} (n={s.n})"
 
 
@@ -209,13 +291,18 @@ def _csv_num(x: float | None) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """One line per row; for each score column `<split>/<task>_mean`, `_std`, `_n`, so a spreadsheet or
-    pandas gets numbers, not `a ± b` strings. The paper's numbers are in columns named `paper_*`."""
+    """One line per row; for each score column `<split>/<task>_mean`, `_std`, `_n` (runs), `_lo`, `_hi`
+    (the bootstrap 95% interval; empty where it could not be computed) and `_units` (episodes it
+    resampled), so a spreadsheet or pandas gets numbers, not `a [b, c]` strings. Compute figures have
+    `_mean`, `_lo`, `_hi` over seeds. The paper's numbers are in columns named `paper_*`."""
     head = ["model", "selector", "variant", "ratio", "n_runs", "seeds"]
     for c in table.columns:
-        head += [f"{c.key}_mean", f"{c.key}_std", f"{c.key}_n"]
+        head += [f"{c.key}_mean", f"{c.key}_std", f"{c.key}_n", f"{c.key}_lo", f"{c.key}_hi", f"{c.key}_units"]
     head += ["achieved_ratio_mean", "achieved_ratio_std", "supervised_tokens_mean", "supervised_tokens_std",
-             "paper_row", "paper_held_in_average", "paper_held_out_average"]
+             "supervised_tokens_lo", "supervised_tokens_hi"]
+    for attr in COMPUTE:
+        head += [f"{attr}_mean", f"{attr}_lo", f"{attr}_hi"]
+    head += ["paper_row", "paper_held_in_average", "paper_held_out_average"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
@@ -224,11 +311,16 @@ def to_csv(table: Table) -> str:
         line = [k.model, k.selector, k.variant, _csv_num(k.ratio), row.n, " ".join(str(s) for s in row.seeds)]
         for c in table.columns:
             s = row.cells[c.key]
-            line += [_csv_num(s.mean), _csv_num(s.std), s.n]
+            line += [_csv_num(s.mean), _csv_num(s.std), s.n, _csv_num(s.lo), _csv_num(s.hi),
+                     "" if s.units is None else s.units]
         p = row.paper
+        st = row.supervised_tokens
         line += [_csv_num(row.achieved_ratio.mean), _csv_num(row.achieved_ratio.std),
-                 _csv_num(row.supervised_tokens.mean), _csv_num(row.supervised_tokens.std),
-                 p.label if p else "", _csv_num(p.held_in) if p else "", _csv_num(p.held_out) if p else ""]
+                 _csv_num(st.mean), _csv_num(st.std), _csv_num(st.lo), _csv_num(st.hi)]
+        for attr in COMPUTE:
+            cs = row.compute.get(attr, Stat(None, None, 0))
+            line += [_csv_num(cs.mean), _csv_num(cs.lo), _csv_num(cs.hi)]
+        line += [p.label if p else "", _csv_num(p.held_in) if p else "", _csv_num(p.held_out) if p else ""]
         w.writerow(line)
     return buf.getvalue()
 
