@@ -175,6 +175,15 @@ def test_paired_on_units_when_no_seed_is_shared(tmp_path):
     assert math.isclose(p.cells["held_in/textcraft"].mean, 50.0)
 
 
+def test_paired_seeds_are_those_with_episode_files(tmp_path):
+    fake_run(tmp_path, "random", 0.3, 1)
+    fake_run(tmp_path, "random", 0.3, 2)
+    fake_run(tmp_path, "all", 1.0, 1, env_eps={"e0": False, "e1": False, "e2": True, "e3": False})
+    fake_run(tmp_path, "all", 1.0, 2, episode_files=False)  # results.json only: nothing to pair on
+    (p,) = paired_vs_all(aggregate(_rows(tmp_path), b=200), 500, 0)
+    assert p.seeds == "matched: 1" and p.cells["held_in/textcraft"].n == 4
+
+
 # --------------------------------------------------------------------------------------- agreement
 
 
@@ -219,6 +228,8 @@ def test_report_md_and_csv_have_intervals_paired_agreement_categories_compute(tm
     cats = md.split("## Categories of the selected steps per env", 1)[1].split("\n## ", 1)[0]
     assert "| textcraft | oracle | 0.3 | 1 | 0.250 |" in cats and "Plan Creation" in cats
     assert "](categories.png)" in md
+    runs_head = next(x for x in md.split("## Complete runs", 1)[1].splitlines() if x.startswith("| run"))
+    assert "| held-in avg | held-out avg | offline (expert steps) avg | achieved ratio |" in runs_head
     with open(sweep / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     head = list(rows[0])

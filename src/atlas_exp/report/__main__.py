@@ -156,11 +156,13 @@ def render_report(prov: Provenance, runs: Sequence[RunRow], table: Table, plots:
         lines += ["", (f"† **The paper's published numbers, not from this sweep**: {PAPER_SOURCE}. "
                        "Shown for comparison on rows that correspond to a paper row; the paper's setup (model, "
                        "data, evaluation tasks) differs from this sweep's unless the sweep reproduces it.")]
-        missing = [(row, c) for row in table.rows for c in table.columns if row.cells[c.key].no_ci]
+        missing = [(row, [c for c in table.columns if row.cells[c.key].no_ci]) for row in table.rows]
+        missing = [(row, cols) for row, cols in missing if cols]
         if missing:
             lines += ["", f"{NO_CI_MARK} Cells without an interval:", ""]
-            lines += [f"- {row.key.selector_label} {row.key.ratio_label}, {c.label}: {row.cells[c.key].no_ci}"
-                      for row, c in missing]
+            for row, cols in missing:
+                why = "; ".join(dict.fromkeys(row.cells[c.key].no_ci for c in cols))
+                lines.append(f"- {row.key.selector_label} {row.key.ratio_label} ({', '.join(c.label for c in cols)}): {why}")
     else:
         lines.append("_No complete run: nothing to aggregate._")
     lines += ["", "## Paired comparison with all steps", "",

@@ -68,14 +68,20 @@ def _task_units(name: str, run: RunRow, bases: Sequence[RunRow]) -> tuple[np.nda
 
 
 def _pairs(row: TableRow, base: TableRow) -> tuple[list[tuple[RunRow, list[RunRow]]], str]:
-    by_seed = {r.seed: r for r in base.runs}
-    shared = [r for r in row.runs if r.seed in by_seed]
+    """(run of the row, the base runs it is paired with) and how; runs without any episode file take no
+    part (they have no unit to pair)."""
+    mine_runs = [r for r in row.runs if r.episodes]
+    base_runs = [r for r in base.runs if r.episodes]
+    by_seed = {r.seed: r for r in base_runs}
+    shared = [r for r in mine_runs if r.seed in by_seed]
     if shared:
         seeds = ",".join(str(r.seed) for r in shared)
         return [(r, [by_seed[r.seed]]) for r in shared], f"matched: {seeds}"
-    mine = ",".join(str(r.seed) for r in row.runs)
-    theirs = ",".join(str(r.seed) for r in base.runs)
-    return ([(r, list(base.runs)) for r in row.runs],
+    if not mine_runs or not base_runs:
+        return [], "no episode files"
+    mine = ",".join(str(r.seed) for r in mine_runs)
+    theirs = ",".join(str(r.seed) for r in base_runs)
+    return ([(r, base_runs) for r in mine_runs],
             f"none shared (row {mine}, all {theirs}): paired on units, `all` averaged over its seeds")
 
 

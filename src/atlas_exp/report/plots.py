@@ -1,7 +1,7 @@
 """The report's figures (PNG, matplotlib's Agg backend: no display needed on a cluster node).
 
-1. `avg_vs_ratio.png`: held-in / held-out average vs ratio, one line per selector, error bars = std over
-   seeds, `all` as a horizontal line (it has no ratio): does selecting fewer steps cost or gain score?
+1. `avg_vs_ratio.png`: held-in / held-out average vs ratio, one line per selector, error bars = the
+   bootstrap 95% interval (std over seeds where a row has no interval), `all` as a horizontal line (it has no ratio): does selecting fewer steps cost or gain score?
 2. `tokens_vs_held_in.png`: supervised tokens vs held-in average, one point per run: the paper's claim is
    that fewer, better-chosen tokens do as well, so score per token is the figure that tests it.
 3. `categories.png`: the categories of the selected steps per env (share of each, stacked), for selectors
@@ -59,6 +59,13 @@ def _series_label(model: str, selector_label: str, models: Sequence[str]) -> str
     return f"{selector_label} [{model}]" if len(models) > 1 else selector_label
 
 
+def _band(s) -> tuple[float, float]:
+    """The interval of a cell, or mean ± std where it has none (one run: the mean)."""
+    if s.has_ci:
+        return s.lo, s.hi
+    return s.mean - (s.std or 0.0), s.mean + (s.std or 0.0)
+
+
 def plot_avg_vs_ratio(table: Table, out: Path, colors: dict[str, tuple]) -> Plot:
     title = "Held-in / held-out average vs ratio"
     splits = [c.split for c in table.columns if c.task is None]
@@ -68,25 +75,26 @@ def plot_avg_vs_ratio(table: Table, out: Path, colors: dict[str, tuple]) -> Plot
     labels = [_series_label(r.key.model, r.key.selector_label, table.models) for r in table.rows]
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
     for ax, split in zip(axes[0], splits):
-        series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        series: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
         for row, label in zip(table.rows, labels):
             s = row.cells[f"{split}/average"]
             if s.mean is None:
                 continue
-            if row.key.ratio is None:  # all steps: no ratio, a horizontal reference line (+- std band)
+            lo, hi = _band(s)
+            if row.key.ratio is None:  # all steps: no ratio, a horizontal reference line (+ its band)
                 ax.axhline(s.mean, color=colors[label], linestyle="--", label=f"{label} (n={s.n})")
-                if s.std:
-                    ax.axhspan(s.mean - s.std, s.mean + s.std, color=colors[label], alpha=0.12)
+                if hi > lo:
+                    ax.axhspan(lo, hi, color=colors[label], alpha=0.12)
             else:
-                series[label].append((row.key.ratio, s.mean, s.std or 0.0))
+                series[label].append((row.key.ratio, s.mean, s.mean - lo, hi - s.mean))
         for label, pts in series.items():
             pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, color=colors[label], label=label)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                        marker="o", capsize=3, color=colors[label], label=label)
         ax.set_xlim(0, 1.05)
         ax.set_xlabel("ratio (share of steps selected)")
         ax.set_ylabel(f"{SPLIT_LABEL[split]} average (%)")
-        ax.set_title(f"{SPLIT_LABEL[split]} average (mean ± std over seeds)")
+        ax.set_title(f"{SPLIT_LABEL[split]} average (mean, bootstrap 95% interval; ± std without one)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

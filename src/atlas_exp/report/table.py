@@ -378,5 +378,5 @@ def runs_table_md(runs: Sequence[RunRow]) -> list[str]:
         rows.append([f"`{r.run_id}`", row_key(r).selector_label, row_key(r).ratio_label, str(r.seed), *avgs,
                      "—" if r.achieved_ratio is None else f"{r.achieved_ratio:.3f}",
                      "—" if r.supervised_tokens is None else f"{r.supervised_tokens:,}"])
-    return _md_table(["run", "selector", "ratio", "seed", "held-in avg", "held-out avg", "achieved ratio",
+    return _md_table(["run", "selector", "ratio", "seed", *(f"{SPLIT_LABEL[s]} avg" for s in SPLITS), "achieved ratio",
                       "supervised tokens"], rows, (0, 1))
