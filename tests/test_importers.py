@@ -342,9 +342,16 @@ def _mutate(rec: dict, how: str) -> object:
     elif how == "openai weight not a number":
         r = to_openai(rec)
         r["messages"][3]["weight"] = "high"
-    elif how == "openai tool role":
+    elif how == "openai image part":
         r = to_openai(rec)
-        r["messages"][2]["role"] = "tool"
+        r["messages"][2]["content"] = [{"type": "text", "text": "look:"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    elif how == "openai bad tool arguments":
+        r = to_openai(rec)
+        r["messages"][3] = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "move", "arguments": "{direction: up"}}]}
+    elif how == "tool calls on a user turn":
+        r = to_openai(rec)
+        r["messages"][2]["tool_calls"] = [{"type": "function", "function": {"name": "move", "arguments": "{}"}}]
     elif how == "openai weight on a user turn":
         r = to_openai(rec)
         r["messages"][0]["weight"] = 0
@@ -367,7 +374,9 @@ BAD = [
     ("id not a string", "item_id", "expected a non-empty string or an integer"),
     ("turn not an object", "conversations[4]", "expected an object, got str"),
     ("openai weight not a number", "messages[3].weight", "weight must be a finite number"),
-    ("openai tool role", "messages[2].role", "unknown role 'tool'"),
+    ("openai image part", "messages[2].content[1].type", "content part of type 'image_url' is not text"),
+    ("openai bad tool arguments", "messages[3].tool_calls[0].function.arguments", "arguments are not valid JSON"),
+    ("tool calls on a user turn", "messages[2].tool_calls", "only assistant turns make tool calls"),
     ("openai weight on a user turn", "messages[0].weight", "only allowed on assistant turns"),
     ("openai empty messages", "messages", "no messages"),
 ]

@@ -42,6 +42,17 @@ The supervised span of an assistant turn (the definition every count in this mod
 * the role header (`<|im_start|>assistant\\n`) is never supervised: at inference it is the generation
   prompt, written by the caller.
 
+Tool calling: an assistant turn with `tool_calls` is rendered through the template's own tool-call syntax
+when it has one (probed once per template: a call's function name must appear in the render), and then
+its supervised span is everything its render writes after the assistant header (the part it shares with
+the probed header) up to and including the end-of-turn text. `tool` turns keep their role where the
+template renders it (else they are rendered as user turns), and a trajectory's `tools` go to the
+template (`apply_chat_template(tools=...)`) where it writes them, else as text at the start of the first
+non-assistant turn. A template without tool-call syntax renders the turn's text form (`content`,
+`<tool_call>{...}</tool_call>` blocks). Consecutive non-assistant turns that a template renders as one
+block (parallel tool results in one user turn) share that block: the prefix property is required only
+where an assistant turn starts or ends.
+
 The last supervised token is checked to be that special token's id. Assistant turns that are not steps
 (AgentTraj-L's "OK. I'll follow your instructions" turn, `trainable=False`) get a span too but are never
 supervised. Labels are not shifted: Hugging Face causal LMs shift them internally.
@@ -71,6 +82,9 @@ IGNORE_INDEX = -100
 # because we only look at characters here.
 _PROBE_USER = "ATLAS-PROBE-USER-8d1c"
 _PROBE_ASSISTANT = "ATLAS-PROBE-ASSISTANT-5e2b"
+_PROBE_FN = "atlas_probe_fn_3f9a"
+_PROBE_TOOL_RESULT = "ATLAS-PROBE-TOOL-RESULT-77c1"
+_PROBE_TOOL_DEF = "atlas_probe_tooldef_c04e"
 
 OnEmpty = Literal["error", "skip"]
 
@@ -94,7 +108,11 @@ class TemplateInfo:
     specials: frozenset[str] = frozenset()
     #: renders one conversation like `apply_chat_template(tokenize=False)` minus its per-call overhead, or
     #: None when that shortcut is unavailable or disagreed with apply_chat_template on the probe
-    fast_render: Callable[[list[dict[str, str]]], str] | None = field(default=None, compare=False, repr=False)
+    fast_render: Callable[..., str] | None = field(default=None, compare=False, repr=False)
+    #: the template writes `tool_calls` with its own syntax / renders role `tool` / writes `tools` definitions
+    tool_calls: bool = False
+    tool_role: bool = False
+    tools: bool = False
 
 
 @dataclass
@@ -191,8 +209,8 @@ def _first_special(text: str, specials: Iterable[str]) -> tuple[int, str] | None
     return best
 
 
-def _render(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
-    out = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)
+def _render(tokenizer: Any, conversations: list[list[dict[str, Any]]], tools: list[dict] | None = None) -> list[str]:
+    out = tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False, add_generation_prompt=False)
     if isinstance(out, str):  # defensive: a single conversation
         out = [out]
     return list(out)
@@ -216,9 +234,9 @@ def _make_fast_render(tokenizer: Any, template: str) -> Callable[[list[dict[str,
         return None
     variables = dict(tokenizer.special_tokens_map)
 
-    def render(conversation: list[dict[str, str]]) -> str:
+    def render(conversation: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
         return compiled.render(
-            messages=conversation, tools=None, documents=None, add_generation_prompt=False, **variables
+            messages=conversation, tools=tools, documents=None, add_generation_prompt=False, **variables
         )
 
     return render
@@ -290,6 +308,7 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
                 fast = None
         except Exception:
             fast = None
+    tool_calls, tool_role, tools = _probe_tool_support(tokenizer)
     return TemplateInfo(
         name=name,
         turn_header=header,
@@ -299,7 +318,65 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
         eot_token_id=eot_id,
         specials=specials,
         fast_render=fast,
+        tool_calls=tool_calls,
+        tool_role=tool_role,
+        tools=tools,
     )
+
+
+def _probe_tool_support(tokenizer: Any) -> tuple[bool, bool, bool]:
+    """Whether the template writes tool calls, tool turns and tool definitions (each: the probe's marker
+    appears in the render; a template that raises on them does not support them)."""
+
+    def renders(conv: list[dict[str, Any]], marker: str, tools: list[dict] | None = None) -> bool:
+        try:
+            return marker in _render(tokenizer, [conv], tools=tools)[0]
+        except Exception:
+            return False
+
+    user = {"role": "user", "content": _PROBE_USER}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call12345", "type": "function", "function": {"name": _PROBE_FN, "arguments": {"x": 1}}}]}
+    result = {"role": "tool", "content": _PROBE_TOOL_RESULT, "tool_call_id": "call12345", "name": _PROBE_FN}
+    tool_calls = renders([user, call], _PROBE_FN)
+    before = [user, call] if tool_calls else [user, {"role": "assistant", "content": _PROBE_ASSISTANT}]
+    tool_role = renders(before + [result], _PROBE_TOOL_RESULT)
+    tool_def = {"type": "function", "function": {"name": _PROBE_TOOL_DEF, "description": "probe",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+    tools = renders([user], _PROBE_TOOL_DEF, tools=[tool_def])
+    return tool_calls, tool_role, tools
+
+
+def chat_messages(traj: Trajectory, info: TemplateInfo) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """The messages (and `tools`) to hand the chat template for `traj`, as the module docstring says: tool
+    calls, tool turns and tool definitions in the template's own syntax where it has one, else as text."""
+    msgs: list[dict[str, Any]] = []
+    for m in traj.messages:
+        if m.tool_calls and info.tool_calls:
+            msgs.append({"role": "assistant", "content": m.raw_content or "",
+                         "tool_calls": [dict(c) for c in m.tool_calls]})
+        elif m.role == "tool":
+            if info.tool_role:
+                d: dict[str, Any] = {"role": "tool", "content": m.content}
+                if m.tool_call_id is not None:
+                    d["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    d["name"] = m.name
+                msgs.append(d)
+            else:
+                msgs.append({"role": "user", "content": m.content})
+        else:
+            msgs.append({"role": m.role, "content": m.content})
+    tools = traj.tools or None
+    if tools and not info.tools:
+        import json
+
+        i = next((i for i, m in enumerate(msgs) if m["role"] != "assistant"), None)
+        if i is not None:
+            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+            msgs[i] = {**msgs[i], "content": f"Available tools:\n{listing}\n\n{msgs[i]['content']}"}
+        tools = None
+    return msgs, tools
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,23 +416,24 @@ def _content_candidates(content: str) -> list[str]:
     return out
 
 
-def _render_prefixes(tokenizer: Any, msgs: list[dict[str, str]], info: TemplateInfo, traj_id: str) -> list[str]:
+def _render_prefixes(tokenizer: Any, msgs: list[dict[str, Any]], info: TemplateInfo, traj_id: str,
+                     tools: list[dict] | None = None) -> list[str]:
     convs = [msgs[: i + 1] for i in range(len(msgs))]
     if info.fast_render is not None:
         try:
-            renders = [info.fast_render(c) for c in convs]
-            if renders[-1] == _render(tokenizer, [msgs])[0]:
+            renders = [info.fast_render(c, tools) for c in convs]
+            if renders[-1] == _render(tokenizer, [msgs], tools)[0]:
                 return renders
         except Exception:
             pass  # the public path below names the failing message
     try:
-        return _render(tokenizer, convs)
+        return _render(tokenizer, convs, tools)
     except Exception:
         pass
     # find which prefix fails, to name it
     for i, conv in enumerate(convs):
         try:
-            _render(tokenizer, [conv])
+            _render(tokenizer, [conv], tools)
         except Exception as e:
             raise TemplateError(
                 f"{info.name}: rendering messages[:{i + 1}] of trajectory {traj_id!r} failed at message {i} "
@@ -384,7 +462,7 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
     boundary falls inside a token.
     """
     info = get_template_info(tokenizer)
-    msgs = [{"role": m.role, "content": m.content} for m in traj.messages]
+    msgs, tools = chat_messages(traj, info)
     for i, m in enumerate(msgs):
         for sp in info.specials:
             if sp in m["content"]:
@@ -393,11 +471,24 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
                 raise DataError(
                     f"content contains the special token {sp!r} of {info.name}", source=traj.id, field=f"messages[{i}].content"
                 )
-    renders = _render_prefixes(tokenizer, msgs, info, traj.id)
+    renders = _render_prefixes(tokenizer, msgs, info, traj.id, tools)
 
+    # A turn boundary must be stable where an assistant turn starts or ends; between two non-assistant turns
+    # a template may render both as one block (then the first one's span is empty, the next one owns it).
+    n = len(renders)
+    roles = [m.role for m in traj.messages]
+    boundary = [i == n - 1 or roles[i] == "assistant" or roles[i + 1] == "assistant" for i in range(n)]
     ends: list[int] = []
     prev = ""
     for i, r in enumerate(renders):
+        if not boundary[i]:
+            nxt = renders[boundary.index(True, i + 1)]
+            if r.startswith(prev) and nxt.startswith(r):
+                ends.append(len(r))
+                prev = r
+            else:
+                ends.append(len(prev))
+            continue
         if not r.startswith(prev):
             j = len(os.path.commonprefix([prev, r]))
             k = bisect_left(ends, j + 1)  # the message whose characters contain position j
@@ -437,7 +528,12 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
             sup_tok.append(None)
             continue
         span = None
-        for cand in _content_candidates(m.content):
+        if m.tool_calls and info.tool_calls:
+            # the template's own call syntax: all it writes after the (shared part of the) assistant header
+            c0 = s + len(os.path.commonprefix([text[s:e], header]))
+            if text.endswith(suffix, s, e) and e - len(suffix) > c0:
+                span = (c0, e - len(suffix) + len(info.eot_text))
+        for cand in [] if span is not None or (m.tool_calls and info.tool_calls) else _content_candidates(m.content):
             c0 = e - len(suffix) - len(cand)
             # Both sides must match: with the suffix alone, "\nAction" under a header ending in "\n\n"
             # and a trimming template would wrongly claim the header's last newline as content.
