@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from atlas_exp.report.collect import RunRow
-from atlas_exp.report.stats import Interval, bootstrap, cluster_units, episode_units, rng_for
+from atlas_exp.report.stats import (
+    Interval,
+    bootstrap,
+    cluster_units,
+    episode_units,
+    rng_for,
+)
 from atlas_exp.report.table import Column, Table, TableRow
 
 

@@ -97,8 +97,8 @@ def compute_md(table: Table) -> list[str]:
     head = ["selector", "ratio", "n"] + [c.label for c in avgs] + ["supervised tokens"] + list(COMPUTE.values())
     head.append("tokens processed / all steps")
     base = {r.key.model: r.compute.get("tokens_processed") for r in table.rows if r.key.selector == "all"}
-    tok = lambda x: f"{x:,.0f}"  # noqa: E731
-    sec = lambda x: f"{x:,.1f}"  # noqa: E731
+    tok = lambda x: f"{x:,.0f}"
+    sec = lambda x: f"{x:,.1f}"
     rows = []
     for row in table.rows:
         line = [row.key.selector_label, row.key.ratio_label, str(row.n)]

@@ -21,7 +21,13 @@ import numpy as np
 
 from atlas_exp.eval.results import SPLITS
 from atlas_exp.report.collect import RunRow
-from atlas_exp.report.stats import DEFAULT_B, bootstrap, bootstrap_values, episode_units, rng_for
+from atlas_exp.report.stats import (
+    DEFAULT_B,
+    bootstrap,
+    bootstrap_values,
+    episode_units,
+    rng_for,
+)
 
 #: marks a cell without a confidence interval because a run of it has no usable per-episode files
 NO_CI_MARK = "‡"
@@ -254,7 +260,7 @@ def aggregate(runs: Sequence[RunRow], b: int = DEFAULT_B, seed: int = 0) -> Tabl
         rs = groups[key]
         name = f"{key.model}|{key.selector}|{key.variant}|{key.ratio}"
 
-        def seeds(attr: str) -> Stat:
+        def seeds(attr: str, rs: list[RunRow] = rs, name: str = name) -> Stat:
             return Stat.over_seeds((getattr(r, attr) for r in rs), rng_for(seed, name, attr), b)
 
         rows.append(TableRow(
