@@ -7,6 +7,11 @@ class AtlasError(Exception):
     """Base class: a problem the user can fix (bad input, bad config, missing artifact)."""
 
 
+class StageStopped(AtlasError):
+    """A stage stopped on purpose, waiting for something outside the run (e.g. a Batch API file to be
+    answered); the message says what to do next. Exit status 3, not an error."""
+
+
 class ConfigError(AtlasError):
     """An option has a value we cannot use; the message names the option."""
 

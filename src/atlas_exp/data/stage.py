@@ -50,10 +50,19 @@ def run_data_stage(cfg: DictConfig, rd: RunDir) -> None:
     t0 = time.time()
     sources = _build_sources(cfg)
     loaded = load_trajectories(sources, on_error=on_error)
-    filters = FilterConfig.from_mapping(OmegaConf.to_container(cfg.data, resolve=True), seed=int(cfg.seed))
+    # `data.split_seed` fixes which trajectories are kept and held out across runs of other seeds, so a
+    # sweep's seeds vary training only and every run is scored on the same held-out trajectories
+    split_seed = cfg.data.get("split_seed")
+    split_seed = int(cfg.seed) if split_seed is None else int(split_seed)
+    data_opts = OmegaConf.to_container(cfg.data, resolve=True)
+    filters = FilterConfig.from_mapping({k: v for k, v in data_opts.items() if k != "split_seed"}, seed=split_seed)
     kept, filter_report = apply_filters(loaded.trajectories, filters)
     val_fraction = float(cfg.data.get("val_fraction") or 0.0)
-    train, val = split_train_val(kept, val_fraction=val_fraction, seed=int(cfg.seed)) if val_fraction else (kept, [])
+    val_size = int(cfg.data.get("val_size") or 0)
+    if val_fraction or val_size:
+        train, val = split_train_val(kept, val_fraction=val_fraction or None, val_size=val_size or None, seed=split_seed)
+    else:
+        train, val = kept, []
     if not train:
         raise AtlasError(
             f"data: no trajectories left (read {loaded.n_read}, skipped {len(loaded.skipped)}, "

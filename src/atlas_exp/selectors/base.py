@@ -5,7 +5,10 @@ plugs in by config alone (`selector=oracle`). They receive `ratio` and `seed` fr
 
 `selection.jsonl` has one line per trajectory, in the same order as `trajectories.jsonl`:
     {"id", "selector", "ratio", "n_steps", "steps": [{"step", "score", "selected", "category"?, "reason"?}],
-     "plan"?, "meta"?}
+     "plan"?, "meta"?, "trajectory_sha256"?}
+
+`trajectory_sha256` (the trajectory's `content_hash`, written by the select stage) lets a later run reuse a
+selection (`selector=precomputed`) only for the very trajectory it was made for.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Selection:
     steps: list[StepChoice]
     plan: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    trajectory_sha256: str | None = None
 
     @property
     def n_steps(self) -> int:
@@ -71,6 +75,8 @@ class Selection:
             d["plan"] = self.plan
         if self.meta:
             d["meta"] = self.meta
+        if self.trajectory_sha256 is not None:
+            d["trajectory_sha256"] = self.trajectory_sha256
         return d
 
     @classmethod
@@ -101,6 +107,7 @@ class Selection:
             steps=steps,
             plan=d.get("plan"),
             meta=dict(d.get("meta") or {}),
+            trajectory_sha256=d.get("trajectory_sha256"),
         )
 
     def check_matches(self, traj: Trajectory, *, source: str) -> None:

@@ -49,14 +49,15 @@ FORMAT_OPTIONS = ("auto", "json_schema", "json_object_schema", "json_object", "n
 _BOUND_KEYWORDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems",
                    "minLength", "maxLength", "uniqueItems"}
 _RETRY_STATUS = {408, 409, 429}
-#: USD per 1M tokens, OpenAI list prices for the paper's judge family (standard tier, no cached-input or
-#: batch discount); `conf/selector/oracle.yaml` repeats them so a run's config shows what it assumed
+#: USD per 1M tokens, OpenAI list prices for the paper's judge family (standard tier, no cached-input
+#: discount); `batch_discount` is the Batch API's (half price), applied to replies read from batch files.
+#: `conf/selector/oracle.yaml` repeats them so a run's config shows what it assumed
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "gpt-4o": {"prompt": 2.50, "completion": 10.00},
-    "gpt-4o-2024-11-20": {"prompt": 2.50, "completion": 10.00},
-    "gpt-4o-2024-08-06": {"prompt": 2.50, "completion": 10.00},
-    "gpt-4o-2024-05-13": {"prompt": 5.00, "completion": 15.00},
-    "gpt-4o-mini": {"prompt": 0.15, "completion": 0.60},
+    "gpt-4o": {"prompt": 2.50, "completion": 10.00, "batch_discount": 0.5},
+    "gpt-4o-2024-11-20": {"prompt": 2.50, "completion": 10.00, "batch_discount": 0.5},
+    "gpt-4o-2024-08-06": {"prompt": 2.50, "completion": 10.00, "batch_discount": 0.5},
+    "gpt-4o-2024-05-13": {"prompt": 5.00, "completion": 15.00, "batch_discount": 0.5},
+    "gpt-4o-mini": {"prompt": 0.15, "completion": 0.60, "batch_discount": 0.5},
 }
 #: bump when the cache record or key layout changes, so old records are not misread
 CACHE_VERSION = 1
@@ -367,6 +368,36 @@ class ChatClient:
 
     # -------------------------------------------------------------------------------------- chat
 
+    def request_body(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None, name: str = "reply") -> dict[str, Any]:
+        """The chat request body this client would send now (for Batch API files): model, messages,
+        generation params in the current response format, and `extra_body`."""
+        return {"model": self.model, "messages": messages, **self._params(self.format, schema, name), **self.extra_body}
+
+    def lookup(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None, name: str = "reply") -> Reply | None:
+        """The cached reply to this request under any format we could still use, or None; sends nothing."""
+        if self.cache is None:
+            return None
+        for fmt in self._levels[self._level:]:
+            rec = self.cache.get(self.cache_key(messages, self._params(fmt, schema, name)))
+            if rec is not None:
+                p, c = int(rec.get("prompt_tokens") or 0), int(rec.get("completion_tokens") or 0)
+                self.stats.add(cache_hits=1, cached_prompt_tokens=p, cached_completion_tokens=c)
+                return Reply(rec["text"], rec.get("finish_reason"), p, c, fmt, cached=True)
+        return None
+
+    def store(self, messages: list[dict[str, str]], reply: Reply, *, schema: dict[str, Any] | None = None,
+              name: str = "reply", origin: str = "live") -> None:
+        """Put a reply obtained elsewhere (a Batch API output file) into the cache under the request this
+        client would send, so later runs find it without paying again."""
+        if self.cache is None:
+            return
+        self.cache.put(
+            self.cache_key(messages, self._params(self.format, schema, name)),
+            {"model": self.model, "format": self.format, "text": reply.text, "finish_reason": reply.finish_reason,
+             "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+             "origin": origin, "time": round(time.time(), 3)},
+        )
+
     def chat(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None, name: str = "reply") -> Reply:
         """One completion for `messages`, from the cache if any format's reply is there, else the server.
 
@@ -376,13 +407,9 @@ class ChatClient:
         level = self._level
         # a reply cached under any format we could still use counts: a rerun starts at the richest
         # format again, and must not pay for a request that the last run had already downgraded
-        if self.cache is not None:
-            for fmt in self._levels[level:]:
-                rec = self.cache.get(self.cache_key(messages, self._params(fmt, schema, name)))
-                if rec is not None:
-                    p, c = int(rec.get("prompt_tokens") or 0), int(rec.get("completion_tokens") or 0)
-                    self.stats.add(cache_hits=1, cached_prompt_tokens=p, cached_completion_tokens=c)
-                    return Reply(rec["text"], rec.get("finish_reason"), p, c, fmt, cached=True)
+        hit = self.lookup(messages, schema=schema, name=name)
+        if hit is not None:
+            return hit
         while True:
             fmt = self._levels[level]
             params = self._params(fmt, schema, name)

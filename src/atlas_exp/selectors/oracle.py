@@ -14,6 +14,17 @@ What ends up in selection.jsonl per trajectory:
   replies came from the cache), `dropped` (valid picks beyond the cap, which we cut in the judge's
   order), and on failure `fallback` and `error`.
 
+`judge_ratio` (default: `ratio`) is the cap the judge is asked with; the selection keeps the judge's first
+`judge_cap(n, ratio)` picks (the rule applied to a judge that names too many), so a sweep over ratios asks the
+judge once per trajectory, at the largest ratio, and every smaller ratio reads the same cached reply.
+
+Replies can come from files instead of an endpoint (`batch`, see `oracle_batch.py`): `batch.read` ingests
+OpenAI Batch API / vLLM `run_batch` output files, matched to the request we would send now by its
+fingerprint (a stale reply is reported as "not judged: request changed", never used); `batch.write` writes
+the requests of every trajectory still without a usable reply (first requests and repairs) as a batch input
+file and stops the stage (StageStopped) with how to submit it. Ingested replies enter the reply cache and are
+costed at batch prices. Without `batch.live`, nothing is sent to an endpoint in these modes.
+
 A reply is checked (`oracle_prompt.parse_reply`); an invalid one is sent back to the judge with what is
 wrong, up to `max_retries` times. Still invalid (or no reply at all after the client's own retries): the
 trajectory gets `on_failure` (`random`: the seeded random baseline, `all`: every step, `error`: stop
@@ -36,10 +47,18 @@ from pathlib import Path
 from typing import Any
 
 from atlas_exp.data.trajectory import Trajectory
-from atlas_exp.errors import AtlasError, ConfigError
-from atlas_exp.selectors.base import Selection, Selector, StepChoice
-from atlas_exp.selectors.llm_client import ChatClient, LLMError
+from atlas_exp.errors import AtlasError, ConfigError, StageStopped
+from atlas_exp.selectors.base import Selection, Selector, StepChoice, check_ratio
+from atlas_exp.selectors.llm_client import DEFAULT_PRICES, ChatClient, LLMError, Reply, price_for
 from atlas_exp.selectors.local_server import LocalServer
+from atlas_exp.selectors.oracle_batch import (
+    BatchReply,
+    read_outputs,
+    request_fingerprint,
+    request_line,
+    submit_hint,
+    write_requests,
+)
 from atlas_exp.selectors.oracle_prompt import (
     InvalidReply,
     build_messages,
@@ -60,6 +79,28 @@ _CLIENT_KEYS = {
     "backoff_max", "response_format", "schema_bounds", "seed", "extra_body", "prices",
 }
 _LOCAL_KEYS = {"model_path", "n_ctx", "n_threads", "startup_timeout", "log_path", "verbose", "extra_args"}
+_BATCH_KEYS = {"read", "write", "requests", "live"}
+#: a reply file without token counts is costed at this many characters per token (OpenAI's rule of thumb)
+CHARS_PER_TOKEN = 4
+
+
+class _NotJudged(Exception):
+    """No usable reply in the batch files for the request made now (and no live endpoint to ask)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _paths(value: Any, option: str) -> list[str]:
+    value = _plain(value)
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{option} must be a path or a list of paths, got {value!r}")
 
 
 def _plain(x: Any) -> Any:
@@ -93,10 +134,31 @@ class OracleSelector(Selector):
         cache: bool = True,
         cache_dir: str | os.PathLike | None = "outputs/.cache/oracle",
         max_consecutive_failures: int = 20,
+        judge_ratio: float | None = None,
+        batch: dict[str, Any] | None = None,
     ):
         super().__init__(ratio=ratio, seed=seed)
         client = dict(_plain(client) or {})
         local = dict(_plain(local) or {})
+        batch = dict(_plain(batch) or {})
+        unknown = set(batch) - _BATCH_KEYS
+        if unknown:
+            raise ConfigError(f"selector.batch: unknown option(s) {sorted(unknown)}; known: {sorted(_BATCH_KEYS)}")
+        self.judge_ratio = self.ratio if judge_ratio is None else check_ratio(judge_ratio)
+        if self.judge_ratio < self.ratio:
+            raise ConfigError(
+                f"selector.judge_ratio={judge_ratio} is below ratio={self.ratio}: the judge must be asked for at "
+                "least as many steps as are selected"
+            )
+        batch_read = _paths(batch.get("read"), "selector.batch.read")
+        batch_requests = _paths(batch.get("requests"), "selector.batch.requests")
+        self.batch_write = (_paths(batch.get("write"), "selector.batch.write") or [None])[0]
+        file_mode = bool(batch_read or self.batch_write)
+        #: whether requests may go to an endpoint (always, unless the replies come from batch files)
+        self.live = not file_mode or bool(batch.get("live", False))
+        self.batch_index = read_outputs(batch_read, batch_requests) if batch_read else None
+        self._pending: list[dict[str, Any]] = []
+        self._pending_ids: set[str] = set()
         unknown = set(client) - _CLIENT_KEYS
         if unknown:
             raise ConfigError(f"selector.client: unknown option(s) {sorted(unknown)}; known: {sorted(_CLIENT_KEYS)}")
@@ -120,7 +182,10 @@ class OracleSelector(Selector):
         api_key = os.environ.get(api_key_env) or None
         base_url = client.pop("base_url", None) or None
         self.server: LocalServer | None = None
-        if base_url is None and api_key is None:
+        prices = client.get("prices")
+        entry = price_for(str(client.get("model", "gpt-4o")), prices if prices is not None else DEFAULT_PRICES)
+        self._batch_price = None if entry is None else tuple(p * (1 - self._batch_discount(client)) for p in entry)
+        if base_url is None and api_key is None and self.live:
             # the embedded default: no endpoint and no key configured
             self.server = LocalServer(**local)
             log.warning(
@@ -151,6 +216,8 @@ class OracleSelector(Selector):
         self._lock = threading.Lock()
         self._counts = {"trajectories": 0, "ok": 0, "failed": 0, "invalid_replies": 0, "over_cap": 0,
                         "dropped_picks": 0, "fallback_random": 0, "fallback_all": 0}
+        self._batch_counts = {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "estimated_token_counts": 0}
+        self._not_judged: dict[str, int] = {}
         self._consecutive_transport_failures = 0
         self._executors: set[ThreadPoolExecutor] = set()
         self._closed = False
@@ -181,10 +248,13 @@ class OracleSelector(Selector):
                 f.cancel()
             ex.shutdown(wait=True, cancel_futures=True)
             self._executors.discard(ex)
+        if self._pending:
+            self._write_batch(len(trajectories))
 
     def select_one(self, traj: Trajectory) -> Selection:
         n = traj.n_steps
-        cap = judge_cap(n, self.ratio)
+        cap = judge_cap(n, self.judge_ratio)
+        keep = judge_cap(n, self.ratio)
         base = build_messages(traj, cap, max_turn_chars=self.max_turn_chars)
         schema = reply_schema(n, cap)
         messages = base
@@ -194,11 +264,20 @@ class OracleSelector(Selector):
         transport_failure = False
         for _ in range(self.max_retries + 1):
             try:
-                reply = self.client.chat(messages, schema=schema, name="critical_steps")
+                reply = self._ask(traj, messages, schema, repair=attempts > 0)
             except LLMError as e:
                 error = f"no reply from the judge: {e}"
                 transport_failure = e.transient
                 break
+            except _NotJudged as e:
+                error = str(e)
+                with self._lock:
+                    self._not_judged[e.kind] = self._not_judged.get(e.kind, 0) + 1
+                break
+            if reply is None:  # its request went into the batch file to write
+                return Selection(id=traj.id, selector=self.name, ratio=self.ratio,
+                                 steps=[StepChoice(step=k, score=0.0, selected=False) for k in range(n)],
+                                 meta={"judge": "pending"})
             attempts += 1
             all_cached &= reply.cached
             try:
@@ -211,23 +290,95 @@ class OracleSelector(Selector):
                 messages = repair_messages(base, reply.text, str(e), n_steps=n, cap=cap, attempt=attempts)
                 continue
             self._transport(ok=True)
+            # scores rank all of the judge's picks; the selection is its first `keep` (judge_ratio >= ratio)
             scores = rank_scores(n, verdict.picks)
             by_step = {p.step: p for p in verdict.picks}
+            chosen = {p.step for p in verdict.picks[:keep]}
             steps = [
                 StepChoice(
-                    step=k, score=scores[k], selected=k in by_step,
+                    step=k, score=scores[k], selected=k in chosen,
                     category=by_step[k].category if k in by_step else None,
                     reason=by_step[k].reason if k in by_step else None,
                 )
                 for k in range(n)
             ]
             meta: dict[str, Any] = {"judge": "ok", "model": self.client.model, "attempts": attempts, "cached": all_cached}
+            if self.judge_ratio != self.ratio:
+                meta.update(judge_ratio=self.judge_ratio, judge_picks=len(verdict.picks))
             if verdict.dropped:
                 meta["dropped"] = [p.step for p in verdict.dropped]
                 self._count(over_cap=1, dropped_picks=len(verdict.dropped))
             self._count(trajectories=1, ok=1)
             return Selection(id=traj.id, selector=self.name, ratio=self.ratio, steps=steps, plan=verdict.plan, meta=meta)
         return self._fail(traj, error, attempts, transport_failure)
+
+    def _ask(self, traj: Trajectory, messages: list[dict[str, str]], schema: dict[str, Any], *, repair: bool) -> Reply | None:
+        """The judge's reply to one request: from the cache, the batch files, or the endpoint (when live).
+
+        Returns None when the request was queued for the batch file to write; raises _NotJudged when the
+        files have no reply to it and nothing may be sent.
+        """
+        name = "critical_steps"
+        if self.batch_index is not None or not self.live:
+            hit = self.client.lookup(messages, schema=schema, name=name)
+            if hit is not None:
+                return hit
+        if self.batch_index is not None:
+            body = self.client.request_body(messages, schema=schema, name=name)
+            found = self.batch_index.get(request_fingerprint(body))
+            if found is not None:
+                reply = self._from_batch(found, messages)
+                self.client.store(messages, reply, schema=schema, name=name, origin="batch")
+                return reply
+        if self.live:
+            return self.client.chat(messages, schema=schema, name=name)
+        if self.batch_write:
+            line = request_line(traj.id, self.client.request_body(messages, schema=schema, name=name))
+            with self._lock:
+                self._pending.append(line)
+                self._pending_ids.add(traj.id)
+            return None
+        if self.batch_index is None:  # pragma: no cover - file mode means read or write
+            raise _NotJudged("missing", "not judged")
+        kind, message = self.batch_index.why_missing(traj.id, repair=repair)
+        raise _NotJudged(kind, message + " (selector.batch.write=PATH writes the missing requests; "
+                                         "selector.batch.live=true sends them)")
+
+    def _from_batch(self, found: BatchReply, messages: list[dict[str, str]]) -> Reply:
+        """A batch reply as a Reply, counted at batch prices (token counts estimated when the file has none)."""
+        p, c = found.prompt_tokens, found.completion_tokens
+        estimated = p is None or c is None
+        if p is None:
+            p = sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN
+        if c is None:
+            c = len(found.text) // CHARS_PER_TOKEN
+        with self._lock:
+            self._batch_counts["replies"] += 1
+            self._batch_counts["prompt_tokens"] += p
+            self._batch_counts["completion_tokens"] += c
+            self._batch_counts["estimated_token_counts"] += int(estimated)
+        return Reply(found.text, found.finish_reason, p, c, format="batch", cached=False)
+
+    @staticmethod
+    def _batch_discount(client: dict[str, Any]) -> float:
+        """The Batch API discount of the judge model's price entry (`batch_discount`, e.g. 0.5); 0 if none."""
+        prices = client.get("prices")
+        prices = DEFAULT_PRICES if prices is None else prices
+        model = str(client.get("model", "gpt-4o"))
+        entry = prices.get(model) or next(
+            (prices[k] for k in sorted(prices, key=len, reverse=True) if model.startswith(k + "-")), None
+        )
+        try:
+            return float((entry or {}).get("batch_discount") or 0.0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"selector.client.prices[{model!r}].batch_discount must be a number in [0, 1)") from None
+
+    def _write_batch(self, n_trajectories: int) -> None:
+        """Write the queued requests as a batch input file and stop the stage, saying what to do next."""
+        assert self.batch_write is not None
+        path = write_requests(self.batch_write, self._pending)
+        n_waiting = len(self._pending_ids)
+        raise StageStopped(submit_hint(path, len(self._pending), n_waiting, n_trajectories - n_waiting, self.client.model))
 
     def _fail(self, traj: Trajectory, error: str, attempts: int, transport_failure: bool) -> Selection:
         if self._closed:  # abandoned by close(): neither a judge failure nor a fallback
@@ -284,14 +435,33 @@ class OracleSelector(Selector):
         plus the client's requests, cache hits, tokens and estimated cost (USD). Never the key."""
         with self._lock:
             counts = dict(self._counts)
-        return {
+            batch = dict(self._batch_counts)
+            not_judged = dict(self._not_judged)
+        out = {
             "model": self.client.model,
             "embedded_server": self.server is not None,
             "response_format": self.client.format,
             "on_failure": self.on_failure,
+            "judge_ratio": self.judge_ratio,
             **counts,
             **self.client.stats.as_dict(),
         }
+        if self.batch_index is not None or self.batch_write:
+            price = self._batch_price
+            batch["cost_usd_estimate"] = (
+                round((batch["prompt_tokens"] * price[0] + batch["completion_tokens"] * price[1]) / 1e6, 6)
+                if price else 0.0
+            )
+            batch["price_usd_per_1m"] = {"prompt": price[0], "completion": price[1]} if price else None
+            if batch["estimated_token_counts"]:
+                batch["token_counts"] = f"estimated at {CHARS_PER_TOKEN} characters per token (the files have no usage)"
+            if self.batch_index is not None:
+                batch["files"] = list(self.batch_index.files)
+                batch["lines"] = dict(self.batch_index.counts)
+            out["batch"] = batch
+            out["not_judged"] = not_judged
+            out["live_requests_allowed"] = self.live
+        return out
 
     def postfix(self) -> dict[str, str]:
         """A short progress-bar postfix: requests sent, cache hits, tokens, cost so far, failures."""
@@ -299,7 +469,12 @@ class OracleSelector(Selector):
         with self._lock:
             failed = self._counts["failed"]
         tok = s["prompt_tokens"] + s["completion_tokens"]
+        extra = {}
+        if self.batch_index is not None:
+            with self._lock:
+                extra["batch"] = str(self._batch_counts["replies"])
         return {
+            **extra,
             "req": str(s["requests"]),
             "hit": str(s["cache_hits"]),
             "tok": f"{tok / 1000:.1f}k" if tok >= 1000 else str(tok),

@@ -54,8 +54,14 @@ def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
     selections: list[Selection] = []
     try:
         bar = tqdm(selector.select(trajs), total=len(trajs), desc=f"select[{selector.name}]")
-        for traj, sel in zip(trajs, bar):
+        # drained to the end (not zipped), so a selector's work after its last selection runs (the oracle
+        # writes a batch file there and stops the stage) and a selector yielding too many is caught
+        for sel in bar:
+            if len(selections) == len(trajs):
+                raise AtlasError(f"selector {selector.name} returned more selections than the {len(trajs)} trajectories")
+            traj = trajs[len(selections)]
             sel.check_matches(traj, source=f"selector {selector.name}")
+            sel.trajectory_sha256 = traj.content_hash()
             selections.append(sel)
             postfix = selector.postfix()
             if postfix:
