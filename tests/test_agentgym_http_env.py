@@ -1,10 +1,12 @@
-"""AgentGymHTTPEnv against real HTTP servers on loopback.
+"""AgentGymHTTPEnv against HTTP servers on loopback that answer as AgentGym's do (tests/fakes/agentgym.py).
 
-The TextCraft server here speaks AgentGym's TextCraft API (agentenv-textcraft: `/create`, `/reset` with
-`id` + `data_idx`, `/step` with `id` + `action`, `/observation?id=`, errors as HTTP 200 `{"error": ...}`,
-raw observations without the data's `Instruction:` prefix) and is backed by our in-process `TextCraftEnv`;
-real AgentTraj-L trajectories are replayed through it. Other dialects are checked on scripted servers that
-answer in their server's response shapes with a real data record's text.
+The TextCraft server speaks AgentGym's TextCraft API over our in-process `TextCraftEnv`; real AgentTraj-L
+trajectories are replayed through it. The LMRL-Gym (Maze, Wordle), SciWorld and BabyAI stand-ins reproduce
+the published servers in the respects where AgentGym's servers were found to differ from the data (each
+test names the defect of issue 15 it covers): SciWorld's item table with task 2-3, Wordle's own vocabulary,
+`/close` on SciWorld and BabyAI, Maze text without the trailing newline, TextCraft goals in file-system order.
+Other dialects are checked on scripted servers that answer in their server's response shapes with a real
+data record's text.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from __future__ import annotations
 import json
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -29,124 +28,26 @@ from atlas_exp.envs.agentgym_http import (
     AgentGymServerError,
     action_from_reply,
     item_index,
+    sciworld_task_key,
 )
+from atlas_exp.envs.babyai import BabyAIEnv
 from atlas_exp.envs.base import Env, EpisodeSpec
-from atlas_exp.envs.textcraft import OBS_PREFIX, TextCraftEnv, TextCraftEpisode, sample_episode
+from atlas_exp.envs.maze import MazeEnv
+from atlas_exp.envs.textcraft import TextCraftEnv, TextCraftEpisode
+from atlas_exp.envs.wordle import WordleEnv, feedback, first_observation, vocabulary
 from atlas_exp.errors import ConfigError
+from fakes.agentgym import (
+    NOT_FOUND,
+    SERVER_WORDS,
+    BabyAIServer,
+    LmrlgymServer,
+    SciWorldServer,
+    Server,
+    TextCraftServer,
+    sciworld_games,
+)
 
 App = Callable[[str, str, dict, Any], "tuple[int, Any]"]
-
-
-# ------------------------------------------------------------------------------------------- HTTP plumbing
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def _serve(self, method: str) -> None:
-        url = urlsplit(self.path)
-        n = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(n) if n else b""
-        body = json.loads(raw) if raw else None
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        self.server.calls.append((method, url.path, query, body))
-        status, payload = self.server.app(method, url.path, query, body)
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class Server:
-    """A threaded stdlib HTTP server on a free loopback port, answering with `app`; records every call."""
-
-    def __init__(self, app: App):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.app = app
-        self.httpd.calls = []
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def calls(self) -> list[tuple[str, str, dict, Any]]:
-        return self.httpd.calls
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-NOT_FOUND = (404, {"detail": "Not Found"})
-
-
-# ------------------------------------------------------------------------------ AgentGym's TextCraft server
-
-
-class TextCraftServer:
-    """AgentGym's TextCraft server API over our `TextCraftEnv`.
-
-    `data_idx -> episode` is AgentGym's own item table where the data show it (the episode each
-    `textcraft_<n>` record was played on, read from its first observation) and our seeded sampler elsewhere.
-    Like AgentGym's server it never ends an episode on a step count, sends raw game text (inventory with
-    its trailing blank) and has no `/close`.
-    """
-
-    def __init__(self, episodes: dict[int, TextCraftEpisode]):
-        self.episodes = episodes
-        self.envs: dict[int, TextCraftEnv] = {}
-        self.last_obs: dict[int, str] = {}
-        self.lock = threading.Lock()
-
-    def episode(self, idx: int) -> TextCraftEpisode:
-        return self.episodes.get(idx) or sample_episode(idx)
-
-    def _reset(self, env_id: int, idx: int) -> dict:
-        obs = self.envs[env_id].reset(self.episode(idx))[len(OBS_PREFIX):]
-        self.last_obs[env_id] = obs
-        return {"id": env_id, "observation": obs, "done": False, "reward": 0}
-
-    def __call__(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
-        with self.lock:
-            if (method, path) == ("GET", "/"):
-                return 200, "This is environment TextCraft."
-            if (method, path) == ("POST", "/create"):
-                if not isinstance(body, dict):
-                    return 422, {"detail": [{"loc": ["body"], "msg": "field required"}]}
-                env_id = len(self.envs)
-                self.envs[env_id] = TextCraftEnv(max_steps=10**9)
-                return 200, self._reset(env_id, env_id)
-            if method == "POST" and path in ("/reset", "/step"):
-                if not isinstance(body, dict) or "id" not in body:
-                    return 422, {"detail": [{"loc": ["body", "id"], "msg": "field required"}]}
-                env_id = body["id"]
-                if env_id not in self.envs:
-                    return 200, {"error": f"The id {env_id} is not valid."}
-                if path == "/reset":
-                    return 200, self._reset(env_id, int(body.get("data_idx", 0)))
-                try:
-                    res = self.envs[env_id].step(body["action"])
-                except RuntimeError as e:
-                    return 200, {"error": str(e)}
-                raw = res.info["raw_observation"]
-                self.last_obs[env_id] = raw
-                return 200, {"observation": raw, "reward": int(res.reward), "done": res.success}
-            if (method, path) == ("GET", "/observation"):
-                env_id = int(query.get("id", -1))
-                return 200, self.last_obs.get(env_id, {"error": f"The id {env_id} is not valid."})
-            return NOT_FOUND
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +77,14 @@ def _free_port() -> int:
 
 
 def test_replays_agenttraj_l_textcraft_trajectories_to_success_over_http(records, textcraft_server, agenttraj_dir):
-    """A sample of real trajectories, replayed reply by reply through the client, show the data's text and win."""
+    """A sample of real trajectories, replayed reply by reply through the client, show the data's text and win.
+
+    The server's item table here is the data's (the real one's is not: see the TextCraft goal test); item ids
+    are checked against `data_dir`."""
     sample = random.Random(0).sample(records, 20)
-    env = AgentGymHTTPEnv(base_url=textcraft_server.url, env="textcraft", retries=1, backoff=0.01)
+    n0 = len(textcraft_server.calls)
+    env = AgentGymHTTPEnv(base_url=textcraft_server.url, env="textcraft", data_dir=agenttraj_dir, retries=1,
+                          backoff=0.01)
     assert isinstance(env, Env) and env.name == "textcraft"
     successes = same = n_obs = 0
     with env:
@@ -203,13 +109,13 @@ def test_replays_agenttraj_l_textcraft_trajectories_to_success_over_http(records
     print(f"\nTextCraft over HTTP: {successes}/20 reach the goal; observations equal to the data: {same}/{n_obs}")
     assert successes == 20
     assert same / n_obs >= 0.98  # in-process: 2616/2618 over all 374 records
-    # one server-side env, reused across episodes as AgentGym's clients do; close() tolerated the 404
-    paths = [(m, p) for m, p, _, _ in textcraft_server.calls]
+    # one server-side env, reused across episodes as AgentGym's clients do, and closed at the end
+    paths = textcraft_server.paths()[n0:]
     assert paths.count(("POST", "/create")) == 1 and paths[-1] == ("POST", "/close")
     assert env.env_id is None
     # the data file gives the same instruction as the built-in one
-    from_data = AgentGymHTTPEnv(textcraft_server.url, "textcraft", data_dir=agenttraj_dir).instruction()
-    assert from_data == env.instruction() == records[0]["conversations"][0]["value"]
+    builtin = AgentGymHTTPEnv(textcraft_server.url, "textcraft").instruction()
+    assert builtin == env.instruction() == records[0]["conversations"][0]["value"]
 
 
 def test_wire_format_and_step_contract(textcraft_server):
@@ -282,7 +188,7 @@ def test_a_step_is_only_resent_when_it_never_reached_the_server():
 
     with Server(slow) as server:
         env = AgentGymHTTPEnv(server.url, env="textcraft", timeout=0.2, retries=3, backoff=0.01)
-        env.reset("textcraft_4")
+        env.reset(4)
         with pytest.raises(AgentGymServerError, match="not re-sent"):
             env.step("inventory")
         assert [p for _, p, _, _ in server.calls].count("/step") == 1
@@ -478,3 +384,217 @@ def test_prompts_and_actions_match_the_data(agenttraj_dir, env):
     assert all(action_from_reply(d.action_style, r).strip() for r in replies)
     # the data's item ids name AgentGym's data index
     assert item_index(d, AgentGymItem(id=rec["item_id"])) == (int(rec["item_id"].rsplit("_", 1)[1]), rec["item_id"])
+
+
+# ------------------------------------------------- issue 15: the client against servers that behave like AgentGym's
+
+
+def _data(agenttraj_dir: Path, env: str) -> list[dict]:
+    with open(agenttraj_dir / DIALECTS[env].data_file) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_sciworld_items_are_mapped_by_the_servers_item_table():
+    """Defect 1: today's server lists task 2-3, which AgentTraj-L's items leave out: item i >= 1096 is its i + 300."""
+    assert sciworld_task_key("task-10-measure-melting-point-(known-substance)") == "measure-melting-point-known-substance"
+    assert sciworld_task_key("task-2a-test-conductivity") == "test-conductivity" == sciworld_task_key("test-conductivity")
+    assert len(sciworld_games(with_2_3=True)) == len(sciworld_games(with_2_3=False)) + 300 == 4339 + 300
+    for with_2_3, names, shift in ((True, "1.1", 300), (False, "1.0.2", 0)):
+        app = SciWorldServer(with_2_3=with_2_3, names=names)
+        with Server(app) as server:
+            env = AgentGymHTTPEnv(server.url, env="sciworld", instruction="x", backoff=0.01)
+            first = env.reset(5)
+            assert first.startswith("Your task is to ") and "boil (variation 5).\nThis room is called" in first
+            resets = [b["data_idx"] for m, p, _, b in server.calls if p == "/reset"]
+            assert resets == [5]  # before 1096 both tables agree: no probe
+            first = env.reset("sciworld_1096")  # the data's item 1096: power-component, variation 0
+            assert "power-component (variation 0)" in first and "renewable" not in first
+            env.reset(AgentGymItem(index=4338))
+            resets = [b["data_idx"] for m, p, _, b in server.calls if p == "/reset"]
+            # one probe at 1096 tells the table apart, then every item is played at its mapped index
+            assert resets == [5, 1096, 1096 + shift, 4338 + shift]
+            assert env.step("finish").success
+            env.close()
+
+
+def test_sciworld_unknown_item_tables_are_refused():
+    # a server whose answers do not say what it plays: refused, as the item cannot be checked
+    with Server(SciWorldServer(task_names=False)) as server:
+        env = AgentGymHTTPEnv(server.url, env="sciworld", instruction="x", backoff=0.01)
+        with pytest.raises(AgentGymServerError, match="names no task_name/var_num"):
+            env.reset(3)
+    # a table with yet another task list: the probe at 1096 finds neither known layout
+    app = SciWorldServer(with_2_3=True)
+    app.games.insert(1000, ("some-new-task", 0))
+    with Server(app) as server:
+        env = AgentGymHTTPEnv(server.url, env="sciworld", instruction="x", backoff=0.01)
+        with pytest.raises(AgentGymServerError, match="item list we do not know"):
+            env.reset(2000)
+        # an item before 1096 whose task the server does not play there is refused too
+        with pytest.raises(AgentGymServerError, match="refusing to play another task"):
+            env.reset(1050)
+    with pytest.raises(ConfigError, match="out of range"):
+        AgentGymHTTPEnv("http://127.0.0.1:1", env="sciworld", instruction="x").reset(4339)
+
+
+def test_wordle_vocabulary_comes_from_the_server_and_must_be_the_datas(agenttraj_dir):
+    """Defect 2: the published server accepts its own 40 words; the data's prompt lists 431."""
+    rec = _data(agenttraj_dir, "wordle")[0]
+    with Server(LmrlgymServer()) as server:  # the published server's list
+        env = AgentGymHTTPEnv(server.url, env="wordle", backoff=0.01)
+        with pytest.raises(ConfigError) as e:
+            env.reset(0)
+        msg = str(e.value)
+        assert "40 words" in msg and "431" in msg and "wordle_vocab=server" in msg and "\n" not in msg
+        assert server.paths()[:2] == [("POST", "/wordle/create"), ("GET", "/wordle/filtered_vocab")]
+        # as AgentGym's client: the prompt lists the server's words
+        env = AgentGymHTTPEnv(server.url + "/wordle", env="wordle", wordle_vocab="server", backoff=0.01)
+        first = env.reset(3)
+        assert first == first_observation(SERVER_WORDS) and "\nabout\nabove\n" in first
+    target = "could"
+    with Server(LmrlgymServer(wordle_vocab=vocabulary(), wordle_target=lambda seed: target)) as server:
+        env = AgentGymHTTPEnv(server.url, env="wordle", backoff=0.01)
+        assert env.reset(0) == rec["conversations"][2]["value"] == first_observation()
+        assert env.instruction() == rec["conversations"][0]["value"]
+        res = env.step(env.action_from_reply("Thought:\nx\n\nAction:\na u d i o\n"))
+        assert res.observation == feedback("audio", target) == "b y y b y\n" and not res.done
+        assert env.step("q q q q q").observation == "invalid word"
+        res = env.step("c o u l d")
+        assert res.success and res.done and res.reward == 1.0
+
+
+def test_sciworld_and_babyai_server_envs_are_closed():
+    """Defect 3: both servers have /close; an evaluation must not leave a server env (a JVM for SciWorld) behind."""
+    from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
+
+    for env_name, app, reply in (("sciworld", SciWorldServer(), "Thought:\nok\n\nAction:\nfinish"),
+                                 ("babyai", BabyAIServer(), "Thought:\nok\n\nAction:\ngo to red ball 1")):
+        with Server(app) as server:
+            pool = EnvPool({env_name: lambda: AgentGymHTTPEnv(server.url, env=env_name, instruction="x", backoff=0.01)})
+            policy = EchoPolicy(lambda conv: reply)
+            tasks = [EpisodeTask(env_name, i) for i in range(4)]
+            results = list(run_episodes(tasks, pool, policy, batch_size=2, max_turns=3))
+            assert [r.success for r in results] == [True] * 4
+            assert app.created == 2 and app.alive == 0, (env_name, app.created, app.alive)
+            assert server.paths().count(("POST", "/close")) == 2
+
+
+class EchoPolicy:
+    """Enough of a policy for `run_episodes`: each reply is a function of its conversation."""
+
+    def __init__(self, replies: Callable[[list], str]):
+        self.generate = lambda conversations: [replies(c) for c in conversations]
+
+
+def test_maze_over_the_published_server_shows_the_datas_text(agenttraj_dir):
+    """Defect 4: the published server drops the trailing newline of every observation; the client restores it.
+    All 215 AgentTraj-L Maze trajectories replay over HTTP with every observation identical."""
+    records = _data(agenttraj_dir, "maze")
+    app = LmrlgymServer()
+    n_first = n_obs = n_equal = n_goal = 0
+    with Server(app) as server:
+        env = AgentGymHTTPEnv(server.url, env="maze", backoff=0.01)  # prompts built in: no data_dir needed
+        for rec in records:
+            conv = rec["conversations"]
+            index = int(rec["item_id"].rsplit("_", 1)[1])
+            if index == 25:  # the published server cannot start on the goal (MazeEnv plays it in-process)
+                with pytest.raises(AgentGymServerError):
+                    env.reset(rec["item_id"])
+                continue
+            n_first += env.reset(rec["item_id"]) == conv[2]["value"]
+            assert env.instruction() == conv[0]["value"]
+            for i in range(3, len(conv), 2):
+                res = env.step(env.action_from_reply(conv[i]["value"]))
+                if i + 1 < len(conv):
+                    n_obs += 1
+                    n_equal += res.observation == conv[i + 1]["value"]
+                    assert not res.info["raw_observation"].endswith("\n")
+            n_goal += res.success and res.done and res.observation == "Success\n"
+        env.close()
+    n = sum(r["item_id"] != "lmrlgym_maze_25" for r in records)
+    print(f"\nmaze over HTTP: first {n_first}/{n}, observations {n_equal}/{n_obs}, goal {n_goal}/{n}")
+    assert n == 176 and (n_first, n_goal) == (n, n) and n_equal == n_obs > 500
+    assert app.maze.created == 1  # one server env for every episode; the server has no /close
+    assert ("POST", "/maze/close") not in server.paths()
+
+
+def test_textcraft_item_ids_are_refused_where_the_servers_goal_differs(records, agenttraj_dir):
+    """Defect 5: AgentGym's TextCraft server orders its goals by its file system, not as the data's items."""
+    by_index = {int(r["item_id"].rsplit("_", 1)[1]): r for r in records}
+    order = sorted(by_index)
+    # a real server: data_idx i plays another record's goal (here: the next item's)
+    shifted = {i: TextCraftEpisode.from_observation(by_index[order[(k + 1) % len(order)]]["conversations"][2]["value"])
+               for k, i in enumerate(order)}
+    idx = order[0]
+    with Server(TextCraftServer(shifted)) as server:
+        env = AgentGymHTTPEnv(server.url, env="textcraft", data_dir=agenttraj_dir, backoff=0.01)
+        with pytest.raises(AgentGymServerError) as e:
+            env.reset(f"textcraft_{idx}")
+        msg = str(e.value)
+        want = by_index[idx]["conversations"][2]["value"].rsplit("Goal: craft ", 1)[1].rstrip(".")
+        assert f"textcraft_{idx}" in msg and want in msg and "file system" in msg
+        # a bare index plays the server's own item, whatever its goal
+        assert env.reset(idx) == by_index[order[1]]["conversations"][2]["value"]
+        with pytest.raises(ConfigError, match="no record 'textcraft_99999'"):
+            env.reset("textcraft_99999")
+        # without the data nothing can be checked: refused before any request
+        n = len(server.calls)
+        with pytest.raises(ConfigError, match="data_dir"):
+            AgentGymHTTPEnv(server.url, env="textcraft").reset(AgentGymItem(id=f"textcraft_{idx}"))
+        assert len(server.calls) == n
+
+
+REPLIES = [
+    "Thought:\nI go.\n\nAction:\ngo to red ball 1.",  # today's BabyAI client strips the full stop; the data's did not
+    "Thought:\nx\n\nAction:\nget 4 oak log\n\nThis should give me the logs.",  # two lines: glued by TextCraft's rule
+    "Thought:\nx\n\nAction:\nmove up\nAction:\nmove down",  # two markers: today's clients refuse the reply
+    "Thought:\nI have no idea.",  # no marker
+    "Action: c o u l d</s>",
+    "",
+]
+
+
+@pytest.mark.parametrize("env_name, local", [
+    ("textcraft", TextCraftEnv), ("babyai", BabyAIEnv), ("maze", MazeEnv), ("wordle", WordleEnv)])
+def test_in_process_and_http_envs_parse_replies_alike(agenttraj_dir, env_name, local):
+    """Defect 6: one extraction per env (the data's client rule, envs/base.py), the same in-process and over HTTP,
+    on every data reply and on the replies where AgentGym's clients of 2024 and today differ."""
+    http = AgentGymHTTPEnv("http://127.0.0.1:1", env=env_name)
+    mine = local()
+    replies = [c["value"] for r in _data(agenttraj_dir, env_name) for c in r["conversations"][3::2]] + REPLIES
+    assert [http.action_from_reply(r) for r in replies] == [mine.action_from_reply(r) for r in replies]
+    got = {r: http.action_from_reply(r) for r in REPLIES}
+    if env_name == "textcraft":
+        assert got[REPLIES[1]] == "get 4 oak logThis should give me the logs"  # as the data's TextCraft client
+        assert got[REPLIES[3]] == "ThoughtI have no idea"  # sent whole (the data hold such a turn)
+    else:
+        assert got[REPLIES[0]] == "go to red ball 1." and got[REPLIES[2]] == "move up"
+        assert got[REPLIES[3]] is None and got[REPLIES[4]] == "c o u l d" and got[""] is None
+
+
+def test_sciworld_http_parses_as_the_in_process_env():
+    from atlas_exp.envs.sciworld import SciWorldEnv
+
+    http = AgentGymHTTPEnv("http://127.0.0.1:1", env="sciworld")
+    for reply in REPLIES + ["Thought:\nx\n\nAction:\nopen door to kitchen</s>"]:
+        assert http.action_from_reply(reply) == SciWorldEnv.action_from_reply(None, reply)  # type: ignore[arg-type]
+
+
+def test_invalid_actions_are_counted_over_http_as_in_process():
+    """Defect 7: a reply without an action counts as invalid for HTTP envs too (it was always 0)."""
+    from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
+
+    script = ["Thought:\nhm", "Thought:\nx\n\nAction:\nmove down", "I think I should move down.",
+              "Thought:\nx\n\nAction:\nmove down"]
+
+    def replies(conv):
+        return script[(len(conv) - 3) // 2]
+
+    with Server(LmrlgymServer()) as server:
+        pools = {"local": EnvPool({"maze": MazeEnv}),
+                 "http": EnvPool({"maze": lambda: AgentGymHTTPEnv(server.url, env="maze", backoff=0.01)})}
+        results = {k: list(run_episodes([EpisodeTask("maze", 17)], pool, EchoPolicy(replies), max_turns=4))[0]
+                   for k, pool in pools.items()}
+    assert results["local"].invalid_actions == results["http"].invalid_actions == 2
+    assert results["local"].messages == results["http"].messages
+    assert results["http"].success and results["http"].turns == 4

@@ -4,21 +4,24 @@ AgentGym ships each environment as a FastAPI server (`agentenv-webshop`, `agente
 Wordle, `agentenv-tool` for Weather/Movie/Todo, `agentenv-textcraft`, `agentenv-babyai`,
 `agentenv-sciworld`, `agentenv-sqlgym`). Their HTTP APIs share a shape (`/create` a server-side env,
 `/reset` it to a data item, `/step` it with an action) but not the details, which is why this module keeps
-one typed `AgentGymDialect` per env instead of sprinkling field names through the code. The facts in the
-table were read from AgentGym's server code (`agentenv-*/.../server.py`, `environment.py`, `model.py`) and
-its clients (`agentenv/agentenv/envs/*.py`), and checked against the AgentTraj-L trajectories
-(`<env>.jsonl`: instruction, acknowledgement, first-observation wording):
+one typed `AgentGymDialect` per env instead of sprinkling field names through the code. The table was read
+from AgentGym's server code (`agentenv-*/.../server.py`, `environment.py`, `model.py`, HEAD 3ef9235) and its
+clients (`agentenv/agentenv/envs/*.py`); the wording rules below from the AgentTraj-L records (`<env>.jsonl`).
+What was tested is the client against stand-in servers that answer as AgentGym's do in the respects listed
+here (tests/test_agentgym_http_env.py, tests/fakes/agentgym.py; several are our in-process envs behind
+HTTP), not against AgentGym's own servers, which a user's check (AgentGym 3ef9235, 2025-09) found to differ
+from the data in the ways handled below:
 
-| env | create | id field | reset index field | first observation | step text field | success (ours) |
-| --- | --- | --- | --- | --- | --- | --- |
-| textcraft | `{"id": n, "observation"}` | `id` | `data_idx` | reset's `observation` | `observation` | reward == 1 |
-| webshop | bare int | `env_idx` | `session_id` | `GET /observation` | `state` | reward == 1 |
-| maze | `{"id": n}` at `/maze/*` | `id` | `game` | preamble + reset's `observation` | `observation` | reward == 1 |
-| wordle | `{"id": n}` at `/wordle/*` | `id` | `seed` | client text only | `observation` | reward == 1 |
-| weather, movie, todo | bare int (`{"id": 0}`) | `env_idx` | `id` | reset's body (a str) | `observation` | reward == 1 |
-| babyai | `{"id": n}` | `id` | `data_idx` | reset's `observation` | `observation` | done, reward > 0.5 |
-| sciworld | `{"id": n}` | `id` | `data_idx` | `task_description` + `\\n` + `observation` | `observation` | score >= 100 |
-| sqlgym | bare int | `env_idx` | `item_id` | `GET /observation` | `state` | reward == 1 |
+| env | create | id field | reset index field | first observation | step text field | close | success (ours) |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| textcraft | `{"id": n, "observation"}` | `id` | `data_idx` | reset's `observation` | `observation` | `/close` | reward == 1 |
+| webshop | bare int | `env_idx` | `session_id` | `GET /observation` | `state` | tried (404 ignored) | reward == 1 |
+| maze | `{"id": n}` at `/maze/*` | `id` | `game` | preamble + reset's `observation` | `observation` | none | reward == 1 |
+| wordle | `{"id": n}` at `/wordle/*` | `id` | `seed` | client text + `GET /filtered_vocab` | `observation` | none | reward == 1 |
+| weather, movie, todo | bare int (`{"id": 0}`) | `env_idx` | `id` | reset's body (a str) | `observation` | none | reward == 1 |
+| babyai | `{"id": n}` | `id` | `data_idx` | reset's `observation` | `observation` | `/close` | done, reward > 0.5 |
+| sciworld | `{"id": n}` | `id` | `data_idx` (mapped) | `task_description` + `\\n` + `observation` | `observation` | `/close` | score >= 100 |
+| sqlgym | bare int | `env_idx` | `item_id` | `GET /observation` | `state` | none | reward == 1 |
 
 Why each success rule: AgentGym's `Evaluator` counts an episode as a success when its final reward equals 1.
 We require `done` as well (the episode must have ended there) and use each env's own scale: BabyAI's server
@@ -30,19 +33,47 @@ is complete at 100. Caveat for Weather: its server turns any partial progress in
 task, with `reward` its change / 100, as in our in-process `SciWorldEnv`; the tool envs' progress rate;
 WebShop's purchase score); `info["raw_score"]` is the server's own `score` field where it sends one.
 
+Episodes are AgentGym's data items, and where a server's item table is known to differ from the data's, the
+client maps or refuses rather than play another episode under the item's name:
+
+- SciWorld. AgentTraj-L's item list leaves out task 2-3 (measure-melting-point of an unknown substance, 300
+  variations); today's server lists it, so from item 1096 on its index is the data's + 300. The client asks
+  the server: every reset answer names its task and variation, which must be the item's (else it refuses);
+  for items from 1096 it first resets the server to index 1096 and reads which layout it has (2-3 there:
+  +300; the data's item 1096: +0; anything else, or no task name in the answer: refuses).
+- TextCraft. The server's goal for `data_idx` i depends on its file system's listing order (0 of the 374
+  AgentTraj-L items came out at their own index on a real server), so an item id (`"textcraft_12"`, an
+  `EpisodeSpec` with that id) is played only after checking that the server's goal is the data record's
+  (needs `data_dir`; refused otherwise, and on a different goal); a bare int index plays the server's own
+  item, whatever its goal.
+- Maze item 25 starts on the goal: the published server fails there (our in-process `MazeEnv` plays it).
+
 Text. Evaluation must show the model the wording of its training data, so where a server's text is known to
 differ from AgentTraj-L in a fixed way, the dialect says how to restore it (each rule is backed by every
 record of the env's data file): TextCraft observations get the data's `Instruction:\\n` prefix and lose the
 server's trailing blank; BabyAI observations lose the `\\nAvailable actions: [...]` list that later servers
-append; Weather's and Movie's first observations get the data's opening ("Now new trial starts. You ..." and
-"You should ..." where today's servers say "Now new trial starts.\\nYou ..."). Maze and Wordle's first
-observation is partly or wholly written by AgentGym's client (rules of the game; Wordle's vocabulary), which
-we take from the data file, as we do the long instruction prompts (see `AgentGymHTTPEnv`).
+append; Maze observations get back the trailing newline every data observation has (today's server drops
+it); Weather's and Movie's first observations get the data's opening ("Now new trial starts. You ..." and
+"You should ..." where today's servers say "Now new trial starts.\\nYou ..."). Maze's and Wordle's first
+observation is partly or wholly written by AgentGym's client: we take it from our in-process envs
+(`maze.PREAMBLE`, `wordle.first_observation`), whose text equals the data's. Wordle's lists the vocabulary,
+which the client fetches from the server (`/filtered_vocab`, as AgentGym's client does): the published
+server loads a 40-word list where the data's prompt shows 431 words, so a server whose vocabulary is not the
+data's is refused unless `wordle_vocab="server"` (then the prompt lists the server's words, as AgentGym's
+client would show them).
 
-Actions. `action_from_reply` reproduces what the env's AgentGym client sent for a full model reply
-(`ActionStyle`); `step(action)` sends the action as given (TextCraft's clean-up is idempotent and applied
-again, as in `TextCraftEnv`). The tool envs' servers parse `Action: name with Action Input: {...}`
-themselves, so their "action" is the whole reply.
+Actions. `action_from_reply` parses a reply exactly as the in-process env of the same name does (the rule of
+the AgentGym client that recorded the data, `envs/base.py` explains the choice): TextCraft by
+`textcraft.reply_action`, BabyAI/SciWorld/Maze/Wordle by `base.agentgym_action`. Envs without an in-process
+twin follow their data-time client (`ActionStyle`). Where the reply has no action it returns None, so the
+evaluator counts an invalid action as it does for in-process envs. `step(action)` sends the action as given
+(TextCraft's clean-up is idempotent and applied again, as in `TextCraftEnv`). The tool envs' servers parse
+`Action: name with Action Input: {...}` themselves, so their "action" is the whole reply.
+
+Server envs. One server-side env per client, created on the first `reset`, reused across episodes as
+AgentGym's clients do, and released by `close()` on every server that has `/close` (TextCraft, BabyAI,
+SciWorld: a JVM each); the LMRL-Gym, WebShop, tool and SQLGym servers have no such endpoint and keep every
+env they created until they stop (each client makes one, so an evaluation leaves `batch_size` per task).
 
 Transport: `requests`, retried with exponential backoff on connection errors and HTTP 5xx (a `/step` only
 when it cannot have reached the server); a server that cannot be reached at all is a `ConfigError` that
@@ -65,8 +96,8 @@ from typing import Any
 import requests
 import urllib3
 
-from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
-from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult, agentgym_action
+from atlas_exp.errors import AtlasError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +115,18 @@ class ActionStyle(Enum):
     """How an env's AgentGym client turned a full reply into the action it posted to `/step`."""
 
     #: WebShop (`BaseAdapter.parse_react`): everything after the last "Action:", stripped; a reply without
-    #: it is sent whole when it contains `search[`/`click[`, else as the empty action
+    #: it is sent whole when it contains `search[`/`click[` (else AgentGym sent "": None here)
     REACT_LAST = "react_last"
-    #: LMRL-Gym, BabyAI, SciWorld: `reply.split("Action:")[1].strip()` (text between the first and a second
-    #: marker), or the whole stripped reply when there is no marker
+    #: LMRL-Gym, BabyAI, SciWorld: `base.agentgym_action`, as the in-process envs: the text between the first
+    #: "Action:" and a second one, stripped (None without a marker, where AgentGym sent the whole reply)
     AFTER_FIRST_MARK = "after_first_mark"
-    #: TextCraft: text after the last "Action:" (before any "Instruction:"), or the whole reply without a
-    #: marker; then only letters, digits, commas and spaces, whitespace collapsed
+    #: TextCraft: `textcraft.reply_action`, as the in-process env: text after the last "Action:" (before any
+    #: "Instruction:"), or the whole reply without a marker; then only letters, digits, commas and spaces
     TEXTCRAFT = "textcraft"
     #: Weather, Movie, Todo: the whole reply; the server finds `Action: ... with Action Input: ...` itself
+    #: (None when the reply has no "Action:")
     FULL_REPLY = "full_reply"
-    #: SQLGym: the contents of the ```sql block
+    #: SQLGym: the contents of the ```sql block (None without one)
     SQL_BLOCK = "sql_block"
 
 
@@ -107,9 +139,10 @@ class FirstObservation(Enum):
     GET_OBSERVATION = "get_observation"
     #: SciWorld: the reset response's `task_description`, a newline, then its `observation`
     TASK_AND_OBSERVATION = "task_and_observation"
-    #: Maze: the client's fixed preamble (from the data), a newline, then the reset's `observation`
+    #: Maze: the client's fixed preamble (`maze.PREAMBLE`), a newline, then the reset's `observation`
     PREAMBLE_AND_RESET = "preamble_and_reset"
-    #: Wordle: the client's fixed text (rules + vocabulary, from the data); the server's is not shown
+    #: Wordle: the client's text with the server's vocabulary (`wordle.first_observation`); the server's
+    #: own "Let's start Wordle!" is not shown
     PREAMBLE_ONLY = "preamble_only"
 
 
@@ -131,6 +164,12 @@ def _babyai_instruction() -> str:
     from atlas_exp.envs.babyai import INSTRUCTION
 
     return INSTRUCTION
+
+
+def _maze_preamble() -> str:
+    from atlas_exp.envs.maze import PREAMBLE
+
+    return PREAMBLE
 
 
 @dataclass(frozen=True)
@@ -171,8 +210,10 @@ class AgentGymDialect:
     observation_prefix: str = ""
     rstrip_observation: bool = False
     first_observation_replace: tuple[str, str] | None = None
-    #: the marker the Maze preamble ends with inside the data's first observation
-    preamble_end: str | None = None
+    #: add a trailing newline to every observation that lacks one (Maze: the data's observations end in one)
+    restore_newline: bool = False
+    #: the client-written text of the first observation (Maze's preamble), where it is fixed
+    builtin_preamble: Callable[[], str] | None = field(default=None, compare=False)
     #: the acknowledgement turn after the instruction in every training conversation
     ack: str = ACK_OK
     #: the instruction without reading the data file, where we have it verbatim
@@ -186,10 +227,11 @@ class AgentGymDialect:
                 object.__setattr__(self, name, value)
 
 
-def _tool(env: str, *, replace: tuple[str, str] | None) -> AgentGymDialect:
+def _tool(env: str, *, port: int, replace: tuple[str, str] | None) -> AgentGymDialect:
     return AgentGymDialect(
         env=env,
         server="agentenv-tool",
+        launch=f"{env} --host 127.0.0.1 --port {port}  (from the agentenv-tool folder)",
         first_observation=FirstObservation.RESET,
         action_style=ActionStyle.FULL_REPLY,
         success=SuccessRule.REWARD_ONE,
@@ -209,7 +251,7 @@ DIALECTS: dict[str, AgentGymDialect] = {
         action_style=ActionStyle.TEXTCRAFT,
         success=SuccessRule.REWARD_ONE,
         create_body={"commands": None, "goal": None},
-        close_path="/close",  # newer clients post it; older servers answer 404, which close() ignores
+        close_path="/close",  # older servers answer 404, which close() ignores
         observation_prefix="Instruction:\n",
         rstrip_observation=True,
         builtin_instruction=_textcraft_instruction,
@@ -228,20 +270,21 @@ DIALECTS: dict[str, AgentGymDialect] = {
     "maze": AgentGymDialect(
         env="maze",
         server="agentenv-lmrlgym",
-        launch="lmrlgym --host 127.0.0.1 --port 36001",
+        launch="lmrlgym --host 127.0.0.1 --port 36002",
         item_prefixes=("lmrlgym_maze_", "maze_"),
         first_observation=FirstObservation.PREAMBLE_AND_RESET,
         action_style=ActionStyle.AFTER_FIRST_MARK,
         success=SuccessRule.REWARD_ONE,
         path_prefix="/maze",
         index_field="game",
-        preamble_end="given the current environment state:",
+        restore_newline=True,
+        builtin_preamble=_maze_preamble,
         builtin_instruction=lambda: "You are an expert maze solver.",
     ),
     "wordle": AgentGymDialect(
         env="wordle",
         server="agentenv-lmrlgym",
-        launch="lmrlgym --host 127.0.0.1 --port 36001",
+        launch="lmrlgym --host 127.0.0.1 --port 36002",
         item_prefixes=("lmrlgym_wordle_", "wordle_"),
         first_observation=FirstObservation.PREAMBLE_ONLY,
         action_style=ActionStyle.AFTER_FIRST_MARK,
@@ -250,15 +293,16 @@ DIALECTS: dict[str, AgentGymDialect] = {
         index_field="seed",
         builtin_instruction=lambda: "You are an expert wordle player.",
     ),
-    "weather": _tool("weather", replace=("Now new trial starts.\n", "Now new trial starts. ")),
-    "movie": _tool("movie", replace=("Now new trial starts.\n", "")),
-    "todo": _tool("todo", replace=None),
+    "weather": _tool("weather", port=36003, replace=("Now new trial starts.\n", "Now new trial starts. ")),
+    "movie": _tool("movie", port=36004, replace=("Now new trial starts.\n", "")),
+    "todo": _tool("todo", port=36005, replace=None),
     "babyai": AgentGymDialect(
         env="babyai",
         first_observation=FirstObservation.RESET,
         action_style=ActionStyle.AFTER_FIRST_MARK,
         success=SuccessRule.DONE_ABOVE_HALF,
         cut_observation_at="\nAvailable actions: [",
+        close_path="/close",
         builtin_instruction=_babyai_instruction,
     ),
     "sciworld": AgentGymDialect(
@@ -266,6 +310,7 @@ DIALECTS: dict[str, AgentGymDialect] = {
         first_observation=FirstObservation.TASK_AND_OBSERVATION,
         action_style=ActionStyle.AFTER_FIRST_MARK,
         success=SuccessRule.SCORE_100,
+        close_path="/close",
     ),
     "sqlgym": AgentGymDialect(
         env="sqlgym",
@@ -338,46 +383,90 @@ def item_index(dialect: AgentGymDialect, item: EpisodeSpec | int | str) -> tuple
 
 # ------------------------------------------------------------------------------------------------- actions
 
-_NOT_TEXTCRAFT_CHARS = re.compile(r"[^A-Za-z0-9, ]+")
 
-
-def _textcraft_clean(text: str) -> str:
-    return " ".join(_NOT_TEXTCRAFT_CHARS.sub("", text).split())
-
-
-def action_from_reply(style: ActionStyle, reply: str) -> str:
-    """What AgentGym's client of that style posted to `/step` for a full model reply (never None: the clients
-    always send something, and the server answers that it is not a valid action)."""
+def action_from_reply(style: ActionStyle, reply: str) -> str | None:
+    """What AgentGym's client of that style posted to `/step` for a full model reply, parsed exactly as our
+    in-process env of the same name parses it (TextCraft, BabyAI, SciWorld, Maze, Wordle); None where the
+    reply has no action (the evaluator then counts an invalid action and sends the reply's last line)."""
     if style is ActionStyle.FULL_REPLY:
-        return reply
+        return reply if "Action:" in reply else None
     if style is ActionStyle.TEXTCRAFT:
-        return _textcraft_clean(reply.split("Instruction:")[0].split("Action:")[-1])
+        from atlas_exp.envs.textcraft import reply_action
+
+        return reply_action(reply)
     if style is ActionStyle.SQL_BLOCK:
-        return reply.split("```sql")[-1].split("```")[0].strip()
+        if "```sql" not in reply:
+            return None
+        return reply.split("```sql")[-1].split("```")[0].strip() or None
     if style is ActionStyle.AFTER_FIRST_MARK:
-        parts = reply.split("Action:")
-        return (parts[1] if len(parts) > 1 else parts[0]).strip()
+        return agentgym_action(reply)
     # REACT_LAST
     _, sep, tail = reply.rpartition("Action:")
     if sep:
-        return tail.strip()
-    return reply.strip() if ("search[" in reply or "click[" in reply) else ""
+        return tail.strip() or None
+    return reply.strip() if ("search[" in reply or "click[" in reply) else None
 
 
-# ----------------------------------------------------------------------------------------- data prompts
+# --------------------------------------------------------------------------------------------- data files
 
 
-def _first_record(path: Path) -> dict[str, Any]:
+def _records(path: Path, *, first_only: bool = False) -> list[dict[str, Any]]:
+    out = []
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    return json.loads(line)
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"data_dir: {path}:{n} is not a JSON record: {e}") from None
+                if first_only:
+                    break
     except OSError as e:
         raise ConfigError(f"data_dir: cannot read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"data_dir: {path} does not start with a JSON record: {e}") from None
-    raise ConfigError(f"data_dir: {path} has no record")
+    if not out:
+        raise ConfigError(f"data_dir: {path} has no record")
+    return out
+
+
+_GOAL = re.compile(r"Goal: craft (?P<goal>.+?)\.\s*$", re.S)
+
+
+def _textcraft_goal(first_observation: str) -> str | None:
+    m = _GOAL.search(first_observation)
+    return m.group("goal") if m else None
+
+
+# ---------------------------------------------------------------------------------------------- sciworld
+
+
+def sciworld_task_key(name: Any) -> str:
+    """A ScienceWorld task name as every version writes it: 1.0.2's `task-10-measure-melting-point-(known-
+    substance)` and later versions' `measure-melting-point-known-substance` both give the latter."""
+    return re.sub(r"^task-\d+[a-z]?-", "", str(name)).replace("(", "").replace(")", "")
+
+
+#: the task that AgentGym's current SciWorld server lists and AgentTraj-L's item list leaves out (key 2-3)
+SCIWORLD_EXTRA_TASK = ("measure-melting-point-unknown-substance", 300)
+
+
+def _sciworld_split_item() -> int:
+    """The first data item after task 2-2 (1096): where the two item layouts part."""
+    from atlas_exp.envs.sciworld import TASKS
+
+    keys = [t.key for t in TASKS]
+    return sum(t.n_variations for t in TASKS[: keys.index("2-2") + 1])
+
+
+def _sciworld_expected(index: int) -> tuple[str, int]:
+    from atlas_exp.envs.sciworld import SciWorldEpisode
+
+    try:
+        ep = SciWorldEpisode.from_item(index)
+    except DataError as e:
+        raise ConfigError(f"sciworld: {e.reason}") from None
+    return sciworld_task_key(ep.task), ep.variation
 
 
 # ------------------------------------------------------------------------------------------------------ env
@@ -393,10 +482,13 @@ class AgentGymHTTPEnv(Env):
             "babyai", "sciworld", "sqlgym").
         instruction: the first user turn of the env's training conversations. By default it is read from
             `data_dir` (the first record of AgentTraj-L's `<env>.jsonl`, all of whose records share it), or
-            taken from our in-process env (textcraft, babyai) or the short prompt (maze, wordle).
+            taken from our in-process env (textcraft, babyai, maze, wordle).
         data_dir: a folder with AgentTraj-L's `<env>.jsonl`: the source of the long instruction prompts
-            (webshop, tool envs, sciworld, sqlgym) and of the client-written first observation of Maze
-            (preamble) and Wordle (rules + vocabulary). Read lazily, first record only.
+            (webshop, tool envs, sciworld, sqlgym), and of the TextCraft records whose goals are checked when
+            an episode is named by item id. Read lazily.
+        wordle_vocab: "data" (default) plays Wordle only on a server whose vocabulary is the data's 431 words
+            (`wordle.vocabulary()`), refusing others; "server" lists whatever the server has in the prompt, as
+            AgentGym's client does (the published server's 40 words: not the prompt the model was trained on).
         timeout: seconds per HTTP request (300, as AgentGym's clients: a Movie step may wait out the TMDB
             API). retries: attempts after the first on connection errors and HTTP 5xx, waiting
             `backoff * 2**k` seconds (at most `max_backoff`) before each (a step is never re-sent once it may
@@ -405,8 +497,8 @@ class AgentGymHTTPEnv(Env):
             episode length to the server and to the caller's turn cap.
 
     The server-side env is created on the first `reset` (or by `connect()`), reused across episodes as
-    AgentGym's clients do, and released by `close()` where the server has an endpoint for it (WebShop, newer
-    TextCraft); the other servers keep every env they created until they stop.
+    AgentGym's clients do, and released by `close()` where the server has `/close` (TextCraft, BabyAI,
+    SciWorld); the other servers keep every env they created until they stop.
     """
 
     def __init__(
@@ -416,6 +508,7 @@ class AgentGymHTTPEnv(Env):
         *,
         instruction: str | None = None,
         data_dir: str | Path | None = None,
+        wordle_vocab: str = "data",
         timeout: float = 300.0,
         retries: int = 3,
         backoff: float = 0.5,
@@ -431,6 +524,8 @@ class AgentGymHTTPEnv(Env):
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
         if max_steps is not None and max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1 or None, got {max_steps}")
+        if wordle_vocab not in ("data", "server"):
+            raise ConfigError(f"wordle_vocab={wordle_vocab!r}: choose data (the training prompt's words) or server")
         self.name = self.dialect.env
         self.ack = self.dialect.ack
         root = base_url.rstrip("/")
@@ -438,6 +533,7 @@ class AgentGymHTTPEnv(Env):
             root = root[: -len(self.dialect.path_prefix)]
         self.base_url = root
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.wordle_vocab = wordle_vocab
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
@@ -445,8 +541,12 @@ class AgentGymHTTPEnv(Env):
         self.max_steps = max_steps
         self._instruction = instruction
         self._data_record: dict[str, Any] | None = None
+        self._data_by_id: dict[str, dict[str, Any]] | None = None
         self._session = requests.Session()
         self.env_id: Any = None
+        #: Wordle: the server's vocabulary, fetched once per server env; SciWorld: its item offset from 1096
+        self.server_vocab: tuple[str, ...] | None = None
+        self._sciworld_shift: int | None = None
         self.episode_id: str | None = None
         self.steps_taken = 0
         self.done = False
@@ -455,28 +555,38 @@ class AgentGymHTTPEnv(Env):
     def __repr__(self) -> str:
         return f"AgentGymHTTPEnv(env={self.name!r}, base_url={self.base_url!r}, env_id={self.env_id!r})"
 
-    # -- prompts -----------------------------------------------------------------------------------------
+    # -- prompts and data --------------------------------------------------------------------------------
 
-    def _record(self, why: str) -> dict[str, Any]:
-        if self._data_record is None:
-            if self.data_dir is None:
-                raise ConfigError(
-                    f"{self.name}: {why} comes from AgentTraj-L's {self.dialect.data_file}; pass "
-                    f"data_dir=<folder with {self.dialect.data_file}>"
-                    + (" or instruction=..." if why == "the instruction" else "")
-                )
-            self._data_record = _first_record(self.data_dir / self.dialect.data_file)
-        return self._data_record
+    def _data_file(self, why: str) -> Path:
+        if self.data_dir is None:
+            raise ConfigError(
+                f"{self.name}: {why} comes from AgentTraj-L's {self.dialect.data_file}; pass "
+                f"data_dir=<folder with {self.dialect.data_file}>"
+                + (" or instruction=..." if why == "the instruction" else "")
+            )
+        return self.data_dir / self.dialect.data_file
 
     def _data_turn(self, k: int, why: str) -> str:
-        rec = self._record(why)
+        if self._data_record is None:
+            self._data_record = _records(self._data_file(why), first_only=True)[0]
         try:
-            return str(rec["conversations"][k]["value"])
+            return str(self._data_record["conversations"][k]["value"])
         except (KeyError, IndexError, TypeError):
             raise ConfigError(
                 f"data_dir: the first record of {self.data_dir / self.dialect.data_file} has no "
                 f"conversations[{k}].value"
             ) from None
+
+    def _data_record_of(self, item_id: str, why: str) -> dict[str, Any]:
+        if self._data_by_id is None:
+            self._data_by_id = {str(r.get("item_id")): r for r in _records(self._data_file(why))}
+        rec = self._data_by_id.get(item_id)
+        if rec is None:
+            raise ConfigError(
+                f"{self.name}: no record {item_id!r} in {self.data_dir / self.dialect.data_file}; give the bare "
+                f"index to play the server's own item"
+            )
+        return rec
 
     def instruction(self) -> str:
         if self._instruction is None:
@@ -486,16 +596,11 @@ class AgentGymHTTPEnv(Env):
                 self._instruction = self.dialect.builtin_instruction()
         return self._instruction
 
-    def _preamble(self) -> str:
-        """The client-written part of the first observation (Maze: up to its end marker; Wordle: all)."""
-        text = self._data_turn(2, "the first observation's client-written text")
-        end = self.dialect.preamble_end
-        if end is None:
-            return text
-        i = text.find(end)
-        if i < 0:
-            raise ConfigError(f"data_dir: the first {self.name} observation in the data lacks {end!r}")
-        return text[: i + len(end)]
+    def _wordle_first_observation(self) -> str:
+        from atlas_exp.envs.wordle import first_observation, vocabulary
+
+        assert self.server_vocab is not None
+        return first_observation(vocabulary() if self.wordle_vocab == "data" else self.server_vocab)
 
     # -- transport ---------------------------------------------------------------------------------------
 
@@ -573,7 +678,8 @@ class AgentGymHTTPEnv(Env):
 
     def connect(self) -> Any:
         """Create the server-side env (done by the first `reset`); returns its id. Fails early and clearly
-        when the server is not there, which is why a caller may want to call it before a long run."""
+        when the server is not there, which is why a caller may want to call it before a long run. For
+        Wordle it also fetches the server's vocabulary and refuses one that is not the data's (`wordle_vocab`)."""
         if self.env_id is None:
             out = self._request("POST", "/create", body=self.dialect.create_body)
             if isinstance(out, dict) and "id" in out:
@@ -583,7 +689,34 @@ class AgentGymHTTPEnv(Env):
                     f"POST {self._url('/create')} answered {_excerpt(json.dumps(out))}, not an env id"
                 )
             self.env_id = out
+            self._sciworld_shift = None
+            if self.dialect.first_observation is FirstObservation.PREAMBLE_ONLY:
+                self.server_vocab = self._fetch_vocab()
         return self.env_id
+
+    def _fetch_vocab(self) -> tuple[str, ...]:
+        """Wordle: the server's vocabulary (`GET /filtered_vocab`, as AgentGym's client reads it right after
+        `/create`, when nothing has been filtered yet), checked against the data's."""
+        from atlas_exp.envs.wordle import vocabulary
+
+        out = self._request("GET", "/filtered_vocab", params=self._ids())
+        if not isinstance(out, list) or not out or not all(isinstance(w, str) for w in out):
+            raise AgentGymServerError(f"GET {self._url('/filtered_vocab')} answered {_excerpt(json.dumps(out))}, "
+                                      "not a list of words")
+        words = tuple(w.strip() for w in out if w.strip())
+        ours = vocabulary()
+        if self.wordle_vocab == "data" and set(words) != set(ours):
+            missing = sorted(set(ours) - set(words))
+            raise ConfigError(
+                f"wordle_vocab=data: the Wordle server at base_url={self.base_url!r} accepts {len(words)} words "
+                f"({', '.join(words[:5])}, ...), not the {len(ours)} words the training prompt lists "
+                f"({len(missing)} of them missing, e.g. {', '.join(missing[:3])}): AgentGym's published server loads "
+                "LMRL-Gym's tweet_words.txt; make it load wordle_official_400.txt (the data's list, also "
+                "atlas_exp/envs/data/wordle_vocab.txt), or pass wordle_vocab=server to list the server's words "
+                "in the prompt as AgentGym's client does (not the prompt the model was trained on), or play the "
+                "in-process atlas_exp.envs.wordle.WordleEnv"
+            )
+        return words
 
     def _ids(self) -> dict[str, Any]:
         return {self.dialect.id_field: self.env_id}
@@ -600,28 +733,109 @@ class AgentGymHTTPEnv(Env):
             text = text.rstrip()
         if d.observation_prefix and not text.startswith(d.observation_prefix):
             text = d.observation_prefix + text
+        if d.restore_newline and not text.endswith("\n"):
+            text += "\n"
         return text
+
+    def _server_index(self, index: int) -> int:
+        """The server's index for data item `index` (SciWorld: see the module docstring; others: the same)."""
+        if self.name != "sciworld":
+            return index
+        split = _sciworld_split_item()
+        if index < split:
+            return index
+        if self._sciworld_shift is None:
+            out = self._request("POST", "/reset", body={**self._ids(), self.dialect.index_field: split})
+            got = self._sciworld_task(out, split)
+            expected = _sciworld_expected(split)
+            if got == (SCIWORLD_EXTRA_TASK[0], 0):
+                self._sciworld_shift = SCIWORLD_EXTRA_TASK[1]
+            elif got == expected:
+                self._sciworld_shift = 0
+            else:
+                raise AgentGymServerError(
+                    f"sciworld: the server at base_url={self.base_url!r} plays {got[0]} variation {got[1]} at "
+                    f"index {split}, where AgentTraj-L's item list has {expected[0]} variation {expected[1]} and "
+                    f"AgentGym's current server {SCIWORLD_EXTRA_TASK[0]} variation 0: an item list we do not know, "
+                    "so items from sciworld_1096 on cannot be mapped safely; refusing"
+                )
+            log.info("sciworld server at %s: data item i >= %d is server index i + %d",
+                     self.base_url, split, self._sciworld_shift)
+        return index + self._sciworld_shift
+
+    def _sciworld_task(self, out: Any, server_index: int) -> tuple[str, int]:
+        if not isinstance(out, dict) or "task_name" not in out or "var_num" not in out:
+            raise AgentGymServerError(
+                f"sciworld: the server's reset of index {server_index} names no task_name/var_num, so which task "
+                "it plays for the item cannot be checked (AgentTraj-L's item list differs from some servers' by "
+                f"task 2-3); refusing: {_excerpt(json.dumps(out))}"
+            )
+        try:
+            return sciworld_task_key(out["task_name"]), int(out["var_num"])
+        except (TypeError, ValueError):
+            raise AgentGymServerError(f"sciworld: reset answered var_num={out['var_num']!r}, not an int") from None
+
+    def _check_sciworld(self, out: Any, index: int, server_index: int) -> None:
+        got, expected = self._sciworld_task(out, server_index), _sciworld_expected(index)
+        if got != expected:
+            raise AgentGymServerError(
+                f"sciworld: for sciworld_{index} (server index {server_index}) the server at "
+                f"base_url={self.base_url!r} plays {got[0]} variation {got[1]}, not AgentTraj-L's {expected[0]} "
+                f"variation {expected[1]} (a ScienceWorld version with other tasks or variation counts?); "
+                "refusing to play another task under this item's name"
+            )
+
+    def _check_textcraft(self, first: str, index: int, item_id: str) -> None:
+        rec = self._data_record_of(item_id, f"the goal of {item_id}")
+        try:
+            want = _textcraft_goal(str(rec["conversations"][2]["value"]))
+        except (KeyError, IndexError, TypeError):
+            want = None
+        got = _textcraft_goal(first)
+        if want is None or got != want:
+            raise AgentGymServerError(
+                f"textcraft: the server at base_url={self.base_url!r} sets the goal {got!r} for data_idx {index}, "
+                f"but AgentTraj-L's {item_id} was played on {want!r}: AgentGym's TextCraft server orders its goals "
+                "by its file system's listing, so its items are not the data's; refusing to play another goal "
+                "under this item's name (give the bare index to play the server's own item)"
+            )
 
     def reset(self, episode: EpisodeSpec | int | str) -> str:
         index, episode_id = item_index(self.dialect, episode)
         d = self.dialect
-        # read what the data must supply before touching the server, so a missing data_dir fails first
-        preamble = self._preamble() if d.first_observation in (
-            FirstObservation.PREAMBLE_AND_RESET, FirstObservation.PREAMBLE_ONLY) else None
+        named = _names_data_item(episode)
+        if self.name == "textcraft" and named:
+            # TextCraft items must be checked against the data (module docstring): read it before any request
+            if self.data_dir is None:
+                raise ConfigError(
+                    f"textcraft: episode {episode_id!r} names an AgentTraj-L trajectory, but AgentGym's TextCraft "
+                    f"server picks the goal of data_idx {index} by its file system's listing order (0 of the 374 "
+                    "AgentTraj-L items came out at their own index on a real server); pass data_dir=<folder with "
+                    "textcraft.jsonl> to check each item's goal, or give the bare index to play the server's item"
+                )
+            self._data_record_of(episode_id, f"the goal of {episode_id}")
+        if self.name == "sciworld":
+            _sciworld_expected(index)  # an item AgentTraj-L's list has, before any request
         self.connect()
-        out = self._request("POST", "/reset", body={**self._ids(), d.index_field: index})
+        server_index = self._server_index(index)
+        out = self._request("POST", "/reset", body={**self._ids(), d.index_field: server_index})
+        if self.name == "sciworld":
+            self._check_sciworld(out, index, server_index)
         if d.first_observation is FirstObservation.GET_OBSERVATION:
             first = self._clean(self._request("GET", d.observation_path, params=self._ids()), first=True)
         elif d.first_observation is FirstObservation.TASK_AND_OBSERVATION:
             task, look = _field(out, "task_description", self), _field(out, "observation", self)
             first = self._clean(f"{task}\n{look}", first=True)
         elif d.first_observation is FirstObservation.PREAMBLE_ONLY:
-            first = preamble
+            first = self._wordle_first_observation()
         else:
             raw = out if isinstance(out, str) else _field(out, "observation", self)
             first = self._clean(raw, first=True)
             if d.first_observation is FirstObservation.PREAMBLE_AND_RESET:
+                preamble = d.builtin_preamble() if d.builtin_preamble else self._data_turn(2, "the preamble")
                 first = f"{preamble}\n{first}"
+        if self.name == "textcraft" and named:
+            self._check_textcraft(first, index, episode_id)
         self.episode_id = episode_id
         self.steps_taken = 0
         self.done = False
@@ -634,7 +848,12 @@ class AgentGymHTTPEnv(Env):
         if self.done:
             raise RuntimeError("the episode is over; call reset() to start another")
         d = self.dialect
-        sent = _textcraft_clean(action) if d.action_style is ActionStyle.TEXTCRAFT else action
+        if d.action_style is ActionStyle.TEXTCRAFT:
+            from atlas_exp.envs.textcraft import clean_action
+
+            sent = clean_action(action)
+        else:
+            sent = action
         out = self._request("POST", "/step", body={**self._ids(), "action": sent})
         raw = _field(out, d.step_text_field, self)
         reward = float(_field(out, "reward", self))
@@ -670,8 +889,8 @@ class AgentGymHTTPEnv(Env):
             },
         )
 
-    def action_from_reply(self, reply: str) -> str:
-        """What this env's AgentGym client posted for the reply (`ActionStyle`); never None."""
+    def action_from_reply(self, reply: str) -> str | None:
+        """The action for a reply, parsed as the in-process env of this name does (`action_from_reply`)."""
         return action_from_reply(self.dialect.action_style, reply)
 
     def close(self) -> None:
@@ -682,9 +901,20 @@ class AgentGymHTTPEnv(Env):
             except (AtlasError, requests.RequestException) as e:
                 log.warning("%r: close failed: %s", self, e)
         self.env_id = None
+        self.server_vocab = None
+        self._sciworld_shift = None
         self._started = False
         self._session.close()
         self._session = requests.Session()  # a closed env may be reset again (it then creates a new one)
+
+
+def _names_data_item(episode: EpisodeSpec | int | str) -> bool:
+    """Whether an episode is named by an AgentTraj-L item id (not by a bare server index)."""
+    if isinstance(episode, str):
+        return not episode.strip().isdigit()
+    if isinstance(episode, EpisodeSpec):
+        return getattr(episode, "index", None) is None and bool(episode.id)
+    return False
 
 
 def _never_sent(e: Exception) -> bool:

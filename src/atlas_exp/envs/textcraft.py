@@ -285,6 +285,15 @@ def clean_action(action: str) -> str:
     return " ".join(_NOT_ACTION_CHARS.sub("", action).split())
 
 
+def reply_action(reply: str) -> str:
+    """Exactly what AgentGym's TextCraft client (the one AgentTraj-L was recorded with) made of a reply: the
+    text after the last `Action:` (before any `Instruction:`), or the *whole* reply when there is no `Action:`
+    (the data hold such a turn, answered "Could not execute Thought4 strings are ..."); then `clean_action`,
+    which also glues the lines of a multi-line action together (as in the data). Never None. The HTTP client
+    (`envs/agentgym_http.py`) uses this very function."""
+    return clean_action(reply.split("Instruction:")[0].split("Action:")[-1])
+
+
 class TextCraftEnv(Env):
     """TextCraft with AgentGym's wording; one episode at a time.
 
@@ -340,10 +349,8 @@ class TextCraftEnv(Env):
         )
 
     def action_from_reply(self, reply: str) -> str:
-        """Exactly what AgentGym's TextCraft client made of a reply: the text after the last `Action:` (before
-        any `Instruction:`), or the *whole* reply when there is no `Action:` (the data hold such a turn,
-        answered "Could not execute Thought4 strings are ..."); then `clean_action`. Never None."""
-        return clean_action(reply.split("Instruction:")[0].split("Action:")[-1])
+        """`reply_action`: what AgentGym's TextCraft client made of a reply when the data were recorded."""
+        return reply_action(reply)
 
     @property
     def inventory(self) -> dict[str, int]:
@@ -368,5 +375,6 @@ __all__ = [
     "goal_pool",
     "item_id",
     "item_name",
+    "reply_action",
     "sample_episode",
 ]
