@@ -447,6 +447,8 @@ def test_wordle_vocabulary_comes_from_the_server_and_must_be_the_datas(agenttraj
         msg = str(e.value)
         assert "40 words" in msg and "431" in msg and "wordle_vocab=server" in msg and "\n" not in msg
         assert server.paths()[:2] == [("POST", "/wordle/create"), ("GET", "/wordle/filtered_vocab")]
+        with pytest.raises(ConfigError, match="40 words"):  # and again on the next try, not a half-made env
+            env.reset(1)
         # as AgentGym's client: the prompt lists the server's words
         env = AgentGymHTTPEnv(server.url + "/wordle", env="wordle", wordle_vocab="server", backoff=0.01)
         first = env.reset(3)
@@ -498,7 +500,7 @@ def test_maze_over_the_published_server_shows_the_datas_text(agenttraj_dir):
             conv = rec["conversations"]
             index = int(rec["item_id"].rsplit("_", 1)[1])
             if index == 25:  # the published server cannot start on the goal (MazeEnv plays it in-process)
-                with pytest.raises(AgentGymServerError):
+                with pytest.raises(AgentGymServerError, match="starts on the goal.*in-process"):
                     env.reset(rec["item_id"])
                 continue
             n_first += env.reset(rec["item_id"]) == conv[2]["value"]

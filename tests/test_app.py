@@ -123,3 +123,101 @@ def test_stages_run_one_at_a_time_from_the_previous_artifact(tmp_path, agenttraj
     assert p.returncode == 0, p.stderr
     assert (rd / "selection.jsonl").read_text() != first
     assert json.loads((rd / "selection_summary.json").read_text())["achieved_ratio"] == 1.0
+
+
+# --- config and startup errors: one line `atlas_exp: error: ...`, exit 2, before any stage runs -------------
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr and "HYDRA_FULL_ERROR" not in p.stderr, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("atlas_exp: error: "), p.stderr[-3000:]
+    return line
+
+
+@pytest.mark.parametrize("group,choices", [("selector", "oracle, perplexity"), ("model", "qwen25_7b_instruct"),
+                                           ("eval", "held_in, held_out")])
+def test_an_unknown_group_option_lists_the_valid_ones(tmp_path, group, choices):
+    line = one_line_error(app(f"run_dir={tmp_path}/r", f"{group}=bogus"))
+    assert f"{group}=bogus: no such option" in line and choices in line
+    assert not (tmp_path / "r").exists()  # refused before Hydra made the run dir
+    # in a sweep too
+    line = one_line_error(app("-m", f"{group}={options(group)[0]},bogus", "stage=data"))
+    assert f"{group}=bogus: no such option" in line
+
+
+def test_an_override_that_does_not_compose_is_one_line(tmp_path):
+    line = one_line_error(app(f"run_dir={tmp_path}/r", "data.bogus=1"))
+    assert "Could not override 'data.bogus'" in line and "+data.bogus=1" in line
+
+
+def test_data_local_without_a_path(tmp_path):
+    line = one_line_error(app(f"run_dir={tmp_path}/r", "data=local", "stage=data"))
+    assert line == ("atlas_exp: error: data.path is required: the files or folders to read (data=local), "
+                    "e.g. data.path=data/my_trajectories.jsonl")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.name_or_path=/no/such/model", "model.gguf_file=null"], "model.name_or_path=/no/such/model: no such folder"),
+    (["model.name_or_path=atlas-test-org/not-a-cached-model", "model.gguf_file=null"],
+     "model.name_or_path=atlas-test-org/not-a-cached-model: not in the local Hugging Face cache"),
+    (["model.gguf_file=nope.gguf"], "model.gguf_file=nope.gguf: no such file in"),
+    (["selector=perplexity_delta", "selector.model=/no/scorer"], "selector.model.name_or_path=/no/scorer: no such folder"),
+])
+def test_a_model_that_cannot_load_is_reported_before_the_data_stage(tmp_path, agenttraj_dir, overrides, message):
+    rd = tmp_path / "r"
+    p = app(f"run_dir={rd}", "data=local", f"data.path={agenttraj_dir / 'babyai.jsonl'}", *overrides)
+    assert message in one_line_error(p)
+    assert not (rd / "trajectories.jsonl").exists()
+
+
+def test_model_name_is_a_label_not_a_model_choice(tmp_path):
+    line = one_line_error(app(f"run_dir={tmp_path}/r", "model.name=qwen25_7b_instruct"))
+    assert "is only a label" in line and "Did you mean model=qwen25_7b_instruct?" in line
+    # as a label of a model chosen by path, or of the chosen config, it is fine
+    from atlas_exp.pipeline import check_model_label
+
+    cfg = compose(["model.name_or_path=/m", "model.name=mine"])
+    check_model_label(cfg, ["model.name_or_path=/m", "model.name=mine"])
+    check_model_label(compose(["model=qwen25_7b_instruct"]), ["model=qwen25_7b_instruct", "model.name=qwen25_7b_instruct"])
+
+
+# --- one process per run dir ---------------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from atlas_exp.pipeline import RunDirLock
+RunDirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_dir_is_written_by_one_live_process(tmp_path, agenttraj_dir):
+    from atlas_exp.pipeline import RunDirInUse, RunDirLock
+
+    rd = tmp_path / "r"
+    (rd / ".hydra").mkdir(parents=True)
+    (rd / ".hydra" / "config.yaml").write_text("the live run's config\n")
+    data = [f"run_dir={rd}", "stage=data", "data=local", f"data.path={agenttraj_dir / 'maze.jsonl'}", "data.max_per_env=3"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(rd)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line_error(app(*data))
+        assert f"run dir {rd} is in use by process {holder.pid}" in line and "choose another run_dir" in line
+        # refused before Hydra wrote anything: the live run's recorded config and artifacts are untouched
+        assert (rd / ".hydra" / "config.yaml").read_text() == "the live run's config\n"
+        assert not (rd / "trajectories.jsonl").exists()
+        # the lock taken inside a run (run dirs given by interpolation, sweep jobs) refuses the same way
+        with pytest.raises(RunDirInUse, match=f"in use by process {holder.pid}"):
+            RunDirLock(rd).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock file is taken over, with a warning naming it
+    assert (rd / ".lock").exists()
+    p = app(*data)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"taking over the lock of process {holder.pid}" in p.stderr and "no longer running" in p.stderr
+    assert (rd / "trajectories.jsonl").exists() and not (rd / ".lock").exists()

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from atlas_exp.config import CONF_DIR
+from atlas_exp.config import CONF_DIR, check_overrides, command_line_overrides
 from atlas_exp.errors import AtlasError
 
 log = logging.getLogger("atlas_exp")
@@ -32,9 +32,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     from atlas_exp.pipeline import run
 
     _quiet_third_party()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        run(cfg, run_dir)
+        run(cfg, run_dir, overrides=list(hc.overrides.task))
     except AtlasError as e:
         log.error("%s", e)
         print(f"atlas_exp: error: {e}", file=sys.stderr)
@@ -42,9 +43,36 @@ def _hydra_main(cfg: DictConfig) -> None:
     log.info("done: %s", run_dir)
 
 
+#: Hydra flags after which nothing runs and no override needs checking
+_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--shell-completion", "-sc", "--info", "-i", "--version")
+
+
+def _before_hydra(argv: list[str]) -> None:
+    """Checks Hydra would otherwise report in many lines (or too late): the overrides (`check_overrides`),
+    and, for a single run into an explicit `run_dir=PATH`, that no other live process writes it; that lock
+    is taken here, before Hydra writes the composed config into `PATH/.hydra/`, and kept by `run`."""
+    if any(a in _INFO_FLAGS for a in argv):
+        return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = command_line_overrides(argv)
+    check_overrides(overrides, multirun=multirun)
+    if multirun or any(a in ("--cfg", "-c") for a in argv):
+        return
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "run_dir"]
+    if run_dirs and run_dirs[-1] and "${" not in run_dirs[-1]:
+        from atlas_exp.pipeline import RunDirLock
+
+        RunDirLock(run_dirs[-1]).acquire()  # released when this process exits
+
+
 def main() -> None:
     if not CONF_DIR.is_dir():
         print(f"atlas_exp: error: config folder {CONF_DIR} not found (set ATLAS_EXP_CONF)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _before_hydra(sys.argv[1:])
+    except AtlasError as e:
+        print(f"atlas_exp: error: {e}", file=sys.stderr)
         sys.exit(2)
     _hydra_main()
 

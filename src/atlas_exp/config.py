@@ -58,6 +58,63 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
         return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
 
 
+def command_line_overrides(argv: list[str]) -> list[str]:
+    """The `key=value` overrides of a `python -m atlas_exp` command line (Hydra's flags left out)."""
+    return [a for a in argv if "=" in a and not a.startswith("-")]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the names of `conf/<group>/*.yaml`."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_overrides(overrides: list[str], *, multirun: bool = False) -> None:
+    """Refuse, as one ConfigError, overrides that Hydra would refuse with a multi-line message (exit 1):
+    an option a config group does not have (`selector=bogus`: the message lists the valid ones), an
+    override it cannot parse, or (single runs) one that does not compose (`data.bogus=1`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - OverrideParseException and friends
+        raise ConfigError(f"cannot read the overrides {' '.join(overrides)!r}: {_one_line(e)}") from None
+    for o in parsed:
+        group = o.key_or_group
+        if o.is_delete() or group.split("/", 1)[0] == "hydra" or not (CONF_DIR / group).is_dir():
+            continue
+        if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        options = group_options(group)
+        for v in values:
+            if v is not None and str(v) not in options:
+                raise ConfigError(f"{group}={v}: no such option (no conf/{group}/{v}.yaml); choose one of: {', '.join(options)}")
+    if multirun or any(o.is_sweep_override() for o in parsed):
+        return
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # noqa: BLE001 - whatever Hydra/OmegaConf raise while composing
+        raise ConfigError(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's (multi-line) message and its cause's, as one line."""
+    parts: list[str] = []
+    while e is not None:
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type", "reference_type", "Set the environment")) \
+                    and line not in parts:
+                parts.append(line)
+        e = e.__cause__  # type: ignore[assignment]
+    return " ".join(p if p.endswith((".", ":", ";")) else p + ";" for p in parts).rstrip(";")
+
+
 def build(node: Any, option: str, expected: type | None = None, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate(node, **kwargs)`, with failures reported as one line naming the option.
 

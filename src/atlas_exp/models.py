@@ -57,6 +57,54 @@ class ModelSpec:
         return cls(**d)
 
 
+def check_loadable(spec: ModelSpec, cache_dir: str | os.PathLike | None = None, *, option: str = "model") -> None:
+    """Raise a one-line ConfigError naming `option` when `spec` certainly cannot be loaded: a GGUF file or a
+    local folder that is not there, a folder without `config.json`, a Hub name that is not in the local
+    cache while offline, unknown, gated or at an unknown revision. Cheap: it reads at most the model's
+    `config.json` (downloaded into the Hugging Face cache, where loading the model finds it again)."""
+    name = spec.name_or_path
+    if spec.gguf_file:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{option}.name_or_path={name}: no such folder (it should hold {option}.gguf_file={spec.gguf_file})")
+        if not (folder / spec.gguf_file).is_file():
+            raise ConfigError(f"{option}.gguf_file={spec.gguf_file}: no such file in {folder}")
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option}.name_or_path={name}: a file, not a model folder (for a .gguf file set "
+                              f"{option}.name_or_path to its folder and {option}.gguf_file to its name)")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{option}.name_or_path={name}: the folder has no config.json (not a saved transformers model)")
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError(f"{option}.name_or_path={name}: no such folder")
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    where = f"{option}.name_or_path={name}" + (f" ({option}.revision={spec.revision})" if spec.revision else "")
+    try:
+        huggingface_hub.hf_hub_download(repo_id=name, filename="config.json", revision=spec.revision)
+    except hf_errors.HFValidationError:
+        raise ConfigError(f"{where}: neither a local folder nor a Hugging Face Hub model name") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        raise ConfigError(f"{where}: not in the local Hugging Face cache, and the Hub cannot be reached (offline or "
+                          "HF_HUB_OFFLINE=1); download it first (huggingface-cli download) or point "
+                          f"{option}.name_or_path at a local folder") from None
+    except hf_errors.GatedRepoError:
+        raise ConfigError(f"{where}: a gated model; accept its license on the Hub and log in (huggingface-cli login "
+                          "or HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise ConfigError(f"{where}: no such revision on the Hub") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ConfigError(f"{where}: no such model on the Hub (or a private one: log in)") from None
+    except hf_errors.EntryNotFoundError:
+        raise ConfigError(f"{where}: the Hub repository has no config.json (not a transformers model)") from None
+    except (OSError, hf_errors.HfHubHTTPError) as e:
+        raise ConfigError(f"{where}: cannot reach the model on the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
 def _gguf_cache_dir(spec: ModelSpec, cache_dir: str | os.PathLike) -> Path:
     src = Path(spec.name_or_path) / spec.gguf_file  # type: ignore[operator]
     if not src.exists():

@@ -447,6 +447,9 @@ def sciworld_task_key(name: Any) -> str:
     return re.sub(r"^task-\d+[a-z]?-", "", str(name)).replace("(", "").replace(")", "")
 
 
+#: Maze: the item that starts on the goal (LMRL-Gym's reset refuses it)
+MAZE_GOAL_ITEM = 25
+
 #: the task that AgentGym's current SciWorld server lists and AgentTraj-L's item list leaves out (key 2-3)
 SCIWORLD_EXTRA_TASK = ("measure-melting-point-unknown-substance", 300)
 
@@ -691,7 +694,11 @@ class AgentGymHTTPEnv(Env):
             self.env_id = out
             self._sciworld_shift = None
             if self.dialect.first_observation is FirstObservation.PREAMBLE_ONLY:
-                self.server_vocab = self._fetch_vocab()
+                try:
+                    self.server_vocab = self._fetch_vocab()
+                except Exception:
+                    self.env_id = None  # not usable: the next reset starts over (and says why again)
+                    raise
         return self.env_id
 
     def _fetch_vocab(self) -> tuple[str, ...]:
@@ -818,7 +825,15 @@ class AgentGymHTTPEnv(Env):
             _sciworld_expected(index)  # an item AgentTraj-L's list has, before any request
         self.connect()
         server_index = self._server_index(index)
-        out = self._request("POST", "/reset", body={**self._ids(), d.index_field: server_index})
+        try:
+            out = self._request("POST", "/reset", body={**self._ids(), d.index_field: server_index})
+        except AgentGymServerError as e:
+            if self.name == "maze" and index == MAZE_GOAL_ITEM:
+                raise AgentGymServerError(
+                    f"{e} (maze item {index} starts on the goal, which AgentGym's published LMRL-Gym server cannot "
+                    "reset to; the data hold such episodes, and the in-process atlas_exp.envs.maze.MazeEnv plays it)"
+                ) from None
+            raise
         if self.name == "sciworld":
             self._check_sciworld(out, index, server_index)
         if d.first_observation is FirstObservation.GET_OBSERVATION:
@@ -945,6 +960,7 @@ __all__ = [
     "ACK_OK",
     "ACK_SHORT",
     "DIALECTS",
+    "SCIWORLD_EXTRA_TASK",
     "ActionStyle",
     "AgentGymDialect",
     "AgentGymHTTPEnv",
@@ -955,4 +971,5 @@ __all__ = [
     "action_from_reply",
     "dialect_for",
     "item_index",
+    "sciworld_task_key",
 ]
