@@ -1,7 +1,9 @@
 """`python -m atlas_exp [overrides]`: compose `conf/config.yaml` with Hydra and run the stages.
 
 Errors in the user's input or config (AtlasError) are printed as one clear line naming the file,
-record, field or option, and exit with status 2; anything else is a bug and keeps its traceback.
+record, field or option, and exit with status 2; a stage that stops on purpose (a Batch API file written,
+waiting for its answers) says what to do next and exits with status 3; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from atlas_exp.config import CONF_DIR, check_overrides, command_line_overrides
-from atlas_exp.errors import AtlasError
+from atlas_exp.errors import AtlasError, StageStopped
 
 log = logging.getLogger("atlas_exp")
 
@@ -36,6 +38,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         run(cfg, run_dir, overrides=list(hc.overrides.task))
+    except StageStopped as e:
+        log.warning("%s", e)
+        print(f"atlas_exp: stopped: {e}", file=sys.stderr)
+        sys.exit(3)
     except AtlasError as e:
         log.error("%s", e)
         print(f"atlas_exp: error: {e}", file=sys.stderr)
