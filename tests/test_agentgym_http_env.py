@@ -20,6 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.agentgym import (
+    NOT_FOUND,
+    SERVER_WORDS,
+    BabyAIServer,
+    LmrlgymServer,
+    SciWorldServer,
+    Server,
+    TextCraftServer,
+    sciworld_games,
+)
 
 from atlas_exp.envs.agentgym_http import (
     DIALECTS,
@@ -36,16 +46,6 @@ from atlas_exp.envs.maze import MazeEnv
 from atlas_exp.envs.textcraft import TextCraftEnv, TextCraftEpisode
 from atlas_exp.envs.wordle import WordleEnv, feedback, first_observation, vocabulary
 from atlas_exp.errors import ConfigError
-from fakes.agentgym import (
-    NOT_FOUND,
-    SERVER_WORDS,
-    BabyAIServer,
-    LmrlgymServer,
-    SciWorldServer,
-    Server,
-    TextCraftServer,
-    sciworld_games,
-)
 
 App = Callable[[str, str, dict, Any], "tuple[int, Any]"]
 
@@ -472,8 +472,9 @@ def test_sciworld_and_babyai_server_envs_are_closed():
     for env_name, app, reply in (("sciworld", SciWorldServer(), "Thought:\nok\n\nAction:\nfinish"),
                                  ("babyai", BabyAIServer(), "Thought:\nok\n\nAction:\ngo to red ball 1")):
         with Server(app) as server:
-            pool = EnvPool({env_name: lambda: AgentGymHTTPEnv(server.url, env=env_name, instruction="x", backoff=0.01)})
-            policy = EchoPolicy(lambda conv: reply)
+            pool = EnvPool({env_name: lambda e=env_name, u=server.url: AgentGymHTTPEnv(u, env=e, instruction="x",
+                                                                                    backoff=0.01)})
+            policy = EchoPolicy(lambda conv, r=reply: r)
             tasks = [EpisodeTask(env_name, i) for i in range(4)]
             results = list(run_episodes(tasks, pool, policy, batch_size=2, max_turns=3))
             assert [r.success for r in results] == [True] * 4
@@ -595,7 +596,7 @@ def test_invalid_actions_are_counted_over_http_as_in_process():
     with Server(LmrlgymServer()) as server:
         pools = {"local": EnvPool({"maze": MazeEnv}),
                  "http": EnvPool({"maze": lambda: AgentGymHTTPEnv(server.url, env="maze", backoff=0.01)})}
-        results = {k: list(run_episodes([EpisodeTask("maze", 17)], pool, EchoPolicy(replies), max_turns=4))[0]
+        results = {k: next(run_episodes([EpisodeTask("maze", 17)], pool, EchoPolicy(replies), max_turns=4))
                    for k, pool in pools.items()}
     assert results["local"].invalid_actions == results["http"].invalid_actions == 2
     assert results["local"].messages == results["http"].messages

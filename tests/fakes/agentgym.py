@@ -38,9 +38,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from atlas_exp.envs.maze import FAILURE, SUCCESS, STARTS, MazeEnv
+from atlas_exp.envs.maze import FAILURE, STARTS, SUCCESS, MazeEnv
 from atlas_exp.envs.sciworld import TASKS
-from atlas_exp.envs.textcraft import OBS_PREFIX, TextCraftEnv, TextCraftEpisode, sample_episode
+from atlas_exp.envs.textcraft import (
+    OBS_PREFIX,
+    TextCraftEnv,
+    TextCraftEpisode,
+    sample_episode,
+)
 from atlas_exp.envs.wordle import INVALID, N_TRIES, feedback
 
 App = Callable[[str, str, dict, Any], "tuple[int, Any]"]

@@ -430,7 +430,7 @@ def _records(path: Path, *, first_only: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-_GOAL = re.compile(r"Goal: craft (?P<goal>.+?)\.\s*$", re.S)
+_GOAL = re.compile(r"Goal: craft (?P<goal>.+?)\.\s*$", re.DOTALL)
 
 
 def _textcraft_goal(first_observation: str) -> str | None:

@@ -33,7 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atlas_exp.envs.base import EpisodeSpec, Env, StepResult, agentgym_action, item_number
+from atlas_exp.envs.base import (
+    Env,
+    EpisodeSpec,
+    StepResult,
+    agentgym_action,
+    item_number,
+)
 from atlas_exp.errors import DataError
 
 #: The first human turn of every AgentTraj-L Maze conversation, verbatim.
@@ -172,7 +178,7 @@ class MazeEpisode(EpisodeSpec):
         object.__setattr__(self, "start", start)
 
     @classmethod
-    def from_item(cls, item: int | str) -> "MazeEpisode":
+    def from_item(cls, item: int | str) -> MazeEpisode:
         """AgentGym's item index (or `"lmrlgym_maze_<n>"`) -> its start cell."""
         item = item_number(item, ITEM_PREFIXES, "Maze")
         if item >= len(STARTS):

@@ -39,7 +39,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from atlas_exp.envs.base import EpisodeSpec, Env, StepResult, agentgym_action, item_number
+from atlas_exp.envs.base import (
+    Env,
+    EpisodeSpec,
+    StepResult,
+    agentgym_action,
+    item_number,
+)
 from atlas_exp.errors import ConfigError, DataError
 
 #: The first human turn of every AgentTraj-L Wordle conversation, verbatim.
@@ -115,7 +121,7 @@ def read_vocabulary(path: str | Path) -> tuple[str, ...]:
     return words
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocabulary() -> tuple[str, ...]:
     """The 431 words of the data's prompt, in its order."""
     return read_vocabulary(VOCAB_FILE)
@@ -149,7 +155,7 @@ class WordleEpisode(EpisodeSpec):
             raise DataError(f"a Wordle target is 5 lowercase letters a-z, got {self.target!r}", source=self.id or None)
 
     @classmethod
-    def from_item(cls, item: int | str) -> "WordleEpisode":
+    def from_item(cls, item: int | str) -> WordleEpisode:
         """Item n (or `"lmrlgym_wordle_<n>"`) -> our seeded hidden word for it (`target_for(n)`)."""
         item = item_number(item, ITEM_PREFIXES, "Wordle")
         return cls(id=f"lmrlgym_wordle_{item}", target=target_for(item))
