@@ -221,3 +221,28 @@ def test_a_run_dir_is_written_by_one_live_process(tmp_path, agenttraj_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"taking over the lock of process {holder.pid}" in p.stderr and "no longer running" in p.stderr
     assert (rd / "trajectories.jsonl").exists() and not (rd / ".lock").exists()
+
+
+def test_the_error_messages_the_readme_quotes_are_the_real_ones(tmp_path):
+    """Each scenario's one-line error stands in the README as it is printed (paths relative to the data)."""
+    quoted = {line.strip() for line in (REPO / "README.md").read_text().splitlines()
+              if line.strip().startswith("atlas_exp: error: ")}
+    dialog = {"id": "babyai_3", "dialog": [{"speaker": "env", "text": "Your goal: go to the red ball."},
+                                           {"speaker": "agent", "text": "Action: move forward"}]}
+    (tmp_path / "dialogs.jsonl").write_text(json.dumps(dialog) + "\n")
+    (tmp_path / "data2").mkdir()
+    (tmp_path / "data2" / "a.jsonl").write_text("")
+    (tmp_path / "data2" / "B.JSONL").write_text(json.dumps(dialog) + "\n")
+    local = ["stage=data", "data=local"]
+    scenarios = [
+        ["selector=bogus"],
+        [*local],
+        ["model.name_or_path=/no/such/model", "model.gguf_file=null"],
+        [*local, "data.path=dialogs.jsonl"],
+        [*local, "data.path=dialogs.jsonl", "data.messages_key=dialog"],
+        [*local, "data.path=dialogs.jsonl", "data.messages_key=dialog", "data.role_key=speaker"],
+        [*local, "data.path=data2"],
+    ]
+    for i, over in enumerate(scenarios):
+        line = one_line_error(app(f"run_dir={tmp_path}/r{i}", *over, cwd=tmp_path))
+        assert line in quoted, line

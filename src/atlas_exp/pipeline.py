@@ -164,7 +164,7 @@ class RunDirLock:
             log.warning("run dir %s: taking over the lock of process %s (on %s since %s), which is no longer running",
                         self.root, old.get("pid"), old.get("host", "?"), old.get("started", "?"))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv)[:500]}
+              "command": " ".join(" ".join([os.path.basename(sys.executable)] + getattr(sys, "orig_argv", sys.argv)[1:]).split())[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         if not self._held:

@@ -432,7 +432,7 @@ def _why_empty(entry: dict[str, Any], first_skip: SkippedRecord | None) -> str:
     if entry["n_read"] == 0:
         files = entry.get("unread_files", []) + entry.get("ignored_files", [])
         listed = f": not read: {', '.join(files[:WARN_FIRST])}{' ...' if len(files) > WARN_FIRST else ''}" if files else ""
-        return f"it holds no record (empty files, an empty JSON array, or a limit of 0){listed}"
+        return f"it holds no record (empty files or an empty JSON array){listed}"
     s = first_skip
     first = f"; first: {s.where}{f' [{s.field}]' if s.field else ''}: {s.reason}" if s else ""
     return f"all {entry['n_read']} of its records are bad and were skipped (data.on_error=skip){first}"
