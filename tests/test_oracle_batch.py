@@ -221,3 +221,44 @@ def test_batch_options_are_checked(tmp_path):
         OracleSelector(cache_dir=tmp_path, judge_ratio=0.1, batch={"write": str(tmp_path / "b.jsonl")})
     with pytest.raises(ConfigError, match="is not a file"):
         OracleSelector(cache_dir=tmp_path, batch={"read": [str(tmp_path / "missing.jsonl")]})
+
+
+# ------------------------------------------------------------------------------------ retry_failed
+
+
+def test_retry_failed_asks_again_only_for_the_trajectories_that_fell_back(tmp_path, caplog):
+    from test_oracle import Server, completion, good_reply
+
+    trajs = [Trajectory(id=f"r{i}", env="toy", messages=[
+        Message("user", f"task {i}"), Message("assistant", "Thought:\na\n\nAction:\nx", step=0),
+        Message("user", "ok"), Message("assistant", "Thought:\nb\n\nAction:\ny", step=1)]) for i in range(4)]
+    broken = {"on": True}
+
+    def respond(i, body, headers):
+        text = body["messages"][1]["content"]
+        if broken["on"] and ("task 1" in text or "task 3" in text):
+            return 200, completion("no json here"), {}, 0
+        return 200, completion(good_reply(body)), {}, 0
+
+    with Server(respond) as server:
+        opts = {"ratio": 0.5, "seed": 1, "cache_dir": tmp_path / "cache", "max_retries": 1, "concurrency": 1,
+                "client": {"base_url": server.base_url, "model": "gpt-4o", "response_format": "none"}}
+        with OracleSelector(**opts) as sel:
+            first = list(sel.select(trajs))
+        assert [s.meta["judge"] for s in first] == ["ok", "failed", "ok", "failed"]
+        sent_first = sel.stats()["requests"]
+        broken["on"] = False
+        with OracleSelector(**opts) as sel:  # a plain rerun replays the same failures from the cache
+            assert [s.meta["judge"] for s in sel.select(trajs)] == ["ok", "failed", "ok", "failed"]
+            assert sel.stats()["requests"] == 0
+        with OracleSelector(**opts, retry_failed=True) as sel:
+            again = list(sel.select(trajs))
+        assert [s.meta["judge"] for s in again] == ["ok"] * 4
+        assert sel.stats()["requests"] == 2 and sel.stats()["retried_failed"] == 2  # one fresh ask each
+        assert len(server.bodies) == sent_first + 2
+
+    from atlas_exp.selectors.stage import _warn_fallbacks
+
+    with caplog.at_level("WARNING"):
+        _warn_fallbacks({"selector_stats": {"failed": 2, "on_failure": "random"}})
+    assert "2 trajectories fell back to random; rerun with selector.retry_failed=true" in caplog.text

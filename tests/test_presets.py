@@ -19,7 +19,8 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def test_every_preset_is_tested_here():
-    assert set(PRESETS) == {"paper_main", "paper_mistral", "paper_qwen", "paper_judge_llama70b", "ablation_ratio", "cpu_small"}
+    assert set(PRESETS) == {"paper_main", "paper_mistral", "paper_qwen", "paper_judge_llama70b", "ablation_ratio", "cpu_small",
+                            "cpu_textcraft"} | {p for p in PRESETS if p.startswith("gpu_")}
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,30 @@ def test_cpu_small_preset():
         "textcraft": "held_in", "babyai": "held_out", "sciworld": "held_out", "textcraft_steps": "offline"}
     steps = c.eval.tasks.textcraft_steps
     assert steps.kind == "expert_steps" and steps.trajectories.seed != c.data.sources[0].seed
+    # the oracle row: the frontier judge's replies for exactly these trajectories, asked once at the 0.5 cap
+    oracle = compose(["experiment=cpu_small", "selector=oracle", "ratio=0.1"]).selector
+    assert oracle.judge_ratio == 0.5 and list(oracle.batch.read) == ["../shared/data/judge/cpu_small.batch_output.jsonl"]
+    base = compose(["experiment=cpu_small", "selector=non_critical_oracle"]).selector.base
+    assert base.judge_ratio == 0.5 and len(base.batch.read) == 1
+
+
+def test_cpu_textcraft_preset():
+    """Real AgentTraj-L TextCraft with the judge's row: one split for every run and seed, its held-out part
+    scored offline, TextCraft episodes held-in and BabyAI held-out."""
+    c = compose(["experiment=cpu_textcraft", "selector=non_critical_oracle"])
+    assert c.data.path.endswith("agenttraj_l/textcraft.jsonl") and c.data.split_seed == 0 and c.data.val_size == 40
+    assert c.selector.base.judge_ratio == 0.5 and list(c.selector.base.batch.read) == [
+        "../shared/data/judge/textcraft.batch_output.jsonl"]
+    tasks = {k: t for k, t in c.eval.tasks.items() if t is not None}
+    assert {k: t.split for k, t in tasks.items()} == {"textcraft": "held_in", "babyai": "held_out", "textcraft_steps": "offline"}
+    # resolved in the job, to the run dir Hydra gives it
+    assert tasks["textcraft_steps"].trajectories._get_node("paths")._value() == "${hydra:runtime.output_dir}/val_trajectories.jsonl"
+
+
+def test_a_judge_ratio_below_the_ratio_is_refused(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "atlas_exp", "stage=select", f"run_dir={tmp_path}", "selector=oracle",
+                        "judge_ratio=0.1", "ratio=0.3"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2 and "judge_ratio=0.1 is below ratio=0.3" in p.stderr or "run the data stage first" in p.stderr
 
 
 def test_ablation_plan_is_the_papers_grid(tmp_path):

@@ -398,16 +398,17 @@ class ChatClient:
              "origin": origin, "time": round(time.time(), 3)},
         )
 
-    def chat(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None, name: str = "reply") -> Reply:
+    def chat(self, messages: list[dict[str, str]], *, schema: dict[str, Any] | None = None, name: str = "reply",
+             fresh: bool = False) -> Reply:
         """One completion for `messages`, from the cache if any format's reply is there, else the server.
 
-        Raises LLMError when retries are exhausted or every format is refused, ConfigError when the
+        `fresh` skips the cache lookup (the new reply replaces the cached one). Raises LLMError when retries are exhausted or every format is refused, ConfigError when the
         server refuses us (401/403/404: key, model name or URL is wrong).
         """
         level = self._level
         # a reply cached under any format we could still use counts: a rerun starts at the richest
         # format again, and must not pay for a request that the last run had already downgraded
-        hit = self.lookup(messages, schema=schema, name=name)
+        hit = None if fresh else self.lookup(messages, schema=schema, name=name)
         if hit is not None:
             return hit
         while True:

@@ -136,6 +136,7 @@ class OracleSelector(Selector):
         max_consecutive_failures: int = 20,
         judge_ratio: float | None = None,
         batch: dict[str, Any] | None = None,
+        retry_failed: bool = False,
     ):
         super().__init__(ratio=ratio, seed=seed)
         client = dict(_plain(client) or {})
@@ -176,6 +177,7 @@ class OracleSelector(Selector):
         self.on_failure = on_failure
         self.max_turn_chars = int(max_turn_chars) if max_turn_chars else None
         self.max_consecutive_failures = int(max_consecutive_failures)
+        self.retry_failed = bool(retry_failed)
         self._fallback = RandomSelector(ratio=self.ratio, seed=self.seed)
 
         api_key_env = str(client.pop("api_key_env", None) or "OPENAI_API_KEY")
@@ -215,7 +217,7 @@ class OracleSelector(Selector):
             raise
         self._lock = threading.Lock()
         self._counts = {"trajectories": 0, "ok": 0, "failed": 0, "invalid_replies": 0, "over_cap": 0,
-                        "dropped_picks": 0, "fallback_random": 0, "fallback_all": 0}
+                        "dropped_picks": 0, "fallback_random": 0, "fallback_all": 0, "retried_failed": 0}
         self._batch_counts = {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "estimated_token_counts": 0}
         self._not_judged: dict[str, int] = {}
         self._consecutive_transport_failures = 0
@@ -251,7 +253,8 @@ class OracleSelector(Selector):
         if self._pending:
             self._write_batch(len(trajectories))
 
-    def select_one(self, traj: Trajectory) -> Selection:
+    def select_one(self, traj: Trajectory, *, fresh: bool = False) -> Selection:
+        """Judge one trajectory; `fresh` asks the judge again instead of reading cached replies (retry_failed)."""
         n = traj.n_steps
         cap = judge_cap(n, self.judge_ratio)
         keep = judge_cap(n, self.ratio)
@@ -264,7 +267,7 @@ class OracleSelector(Selector):
         transport_failure = False
         for _ in range(self.max_retries + 1):
             try:
-                reply = self._ask(traj, messages, schema, repair=attempts > 0)
+                reply = self._ask(traj, messages, schema, repair=attempts > 0, fresh=fresh)
             except LLMError as e:
                 error = f"no reply from the judge: {e}"
                 transport_failure = e.transient
@@ -310,9 +313,15 @@ class OracleSelector(Selector):
                 self._count(over_cap=1, dropped_picks=len(verdict.dropped))
             self._count(trajectories=1, ok=1)
             return Selection(id=traj.id, selector=self.name, ratio=self.ratio, steps=steps, plan=verdict.plan, meta=meta)
+        if self.retry_failed and not fresh and all_cached and attempts and self.live:
+            # a failure replayed from the cache: with retry_failed, ask the judge again (only this one)
+            with self._lock:
+                self._counts["retried_failed"] += 1
+            return self.select_one(traj, fresh=True)
         return self._fail(traj, error, attempts, transport_failure)
 
-    def _ask(self, traj: Trajectory, messages: list[dict[str, str]], schema: dict[str, Any], *, repair: bool) -> Reply | None:
+    def _ask(self, traj: Trajectory, messages: list[dict[str, str]], schema: dict[str, Any], *, repair: bool,
+             fresh: bool = False) -> Reply | None:
         """The judge's reply to one request: from the cache, the batch files, or the endpoint (when live).
 
         Returns None when the request was queued for the batch file to write; raises _NotJudged when the
@@ -331,7 +340,7 @@ class OracleSelector(Selector):
                 self.client.store(messages, reply, schema=schema, name=name, origin="batch")
                 return reply
         if self.live:
-            return self.client.chat(messages, schema=schema, name=name)
+            return self.client.chat(messages, schema=schema, name=name, fresh=fresh)
         if self.batch_write:
             line = request_line(traj.id, self.client.request_body(messages, schema=schema, name=name))
             with self._lock:

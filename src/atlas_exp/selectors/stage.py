@@ -15,6 +15,7 @@ from atlas_exp.artifacts import (
     file_fingerprint,
     fingerprint,
     iter_jsonl,
+    read_json,
     summary_matches,
     write_json,
     write_jsonl,
@@ -39,6 +40,16 @@ def build_selector(cfg: DictConfig) -> Selector:
     return build(cfg.selector, "selector", Selector)
 
 
+def _warn_fallbacks(summary: dict[str, Any]) -> None:
+    """A finished selection whose judge failed on some trajectories says so, and how to retry only those."""
+    stats = summary.get("selector_stats") or {}
+    n = int(stats.get("failed") or 0)
+    if n:
+        log.warning("select: %d trajector%s fell back to %s; rerun with selector.retry_failed=true to ask the "
+                    "judge again for those only (the other replies come from the cache)",
+                    n, "y" if n == 1 else "ies", stats.get("on_failure", "the fallback"))
+
+
 def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
     if not rd.trajectories.exists():
         raise AtlasError(f"no trajectories at {rd.trajectories}: run the data stage first (stage=data)")
@@ -46,6 +57,7 @@ def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
     fp = fingerprint("select", SCHEMA_VERSION, file_fingerprint(rd.trajectories), sel_cfg)
     if not cfg.force and summary_matches(rd.selection_summary, fp, rd.selection):
         log.info("select: %s is up to date, skipping", rd.selection)
+        _warn_fallbacks(read_json(rd.selection_summary))
         return
 
     trajs = read_trajectories(rd.trajectories)
@@ -82,6 +94,7 @@ def run_select_stage(cfg: DictConfig, rd: RunDir) -> None:
         "selector_stats": selector.stats(),
     }
     write_json(rd.selection_summary, summary)
+    _warn_fallbacks(summary)
     log.info(
         "select: %d trajectories, %d/%d steps selected (achieved ratio %.3f) -> %s",
         summary["n_trajectories"],
