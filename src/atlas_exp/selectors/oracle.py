@@ -252,6 +252,13 @@ class OracleSelector(Selector):
             self._executors.discard(ex)
         if self._pending:
             self._write_batch(len(trajectories))
+        changed = self._not_judged.get("request changed", 0)
+        if changed:
+            log.warning(
+                "oracle: %d of %d trajectories not judged: their replies in selector.batch.read answer other "
+                "requests (prompt, judge model %r, trajectory, or the cap: asked now at judge_ratio=%s)",
+                changed, len(trajectories), self.client.model, self.judge_ratio,
+            )
 
     def select_one(self, traj: Trajectory, *, fresh: bool = False) -> Selection:
         """Judge one trajectory; `fresh` asks the judge again instead of reading cached replies (retry_failed)."""
@@ -350,6 +357,8 @@ class OracleSelector(Selector):
         if self.batch_index is None:  # pragma: no cover - file mode means read or write
             raise _NotJudged("missing", "not judged")
         kind, message = self.batch_index.why_missing(traj.id, repair=repair)
+        if kind == "request changed":
+            message += f"; asked now at judge_ratio={self.judge_ratio} with judge model {self.client.model!r}"
         raise _NotJudged(kind, message + " (selector.batch.write=PATH writes the missing requests; "
                                          "selector.batch.live=true sends them)")
 

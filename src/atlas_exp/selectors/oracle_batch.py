@@ -127,7 +127,7 @@ class BatchIndex:
         if traj_id in self.answered:
             return CHANGED, (
                 f"not judged: request changed ({self.answered[traj_id][0]} answers another prompt, judge "
-                "model or trajectory than the request made now)"
+                "model, trajectory or cap than the request made now)"
             )
         reasons = self.status.get(traj_id)
         if not reasons:
