@@ -176,7 +176,7 @@ def test_model_name_is_a_label_not_a_model_choice(tmp_path):
     line = one_line_error(app(f"run_dir={tmp_path}/r", "model.name=qwen25_7b_instruct"))
     assert "is only a label" in line and "Did you mean model=qwen25_7b_instruct?" in line
     # as a label of a model chosen by path, or of the chosen config, it is fine
-    from atlas_exp.pipeline import check_model_label
+    from atlas_exp.preflight import check_model_label
 
     cfg = compose(["model.name_or_path=/m", "model.name=mine"])
     check_model_label(cfg, ["model.name_or_path=/m", "model.name=mine"])
@@ -187,7 +187,7 @@ def test_model_name_is_a_label_not_a_model_choice(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from atlas_exp.pipeline import RunDirLock
+from atlas_exp.run_dir import RunDirLock
 RunDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -195,7 +195,7 @@ time.sleep(600)
 
 
 def test_a_run_dir_is_written_by_one_live_process(tmp_path, agenttraj_dir):
-    from atlas_exp.pipeline import RunDirInUse, RunDirLock
+    from atlas_exp.run_dir import RunDirInUse, RunDirLock
 
     rd = tmp_path / "r"
     (rd / ".hydra").mkdir(parents=True)

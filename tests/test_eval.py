@@ -383,7 +383,7 @@ def test_what_identifies_the_agent_is_what_its_policy_declares(tmp_path, policy,
     each policy class's `reply_neutral`), and replayed when what they are changes."""
     from atlas_exp.config import compose
     from atlas_exp.eval.stage import _model_fingerprint
-    from atlas_exp.pipeline import RunDir
+    from atlas_exp.run_dir import RunDir
 
     def fp(*extra):
         over = [f"policy={policy}", "policy.model=base"] if policy != "openai" else ["policy=openai", "policy.model=m"]

@@ -80,7 +80,7 @@ def assert_loss_fell(s: dict) -> None:
 
 def assert_labels_cover_only_selected_steps(run_dir: Path, tokenizer) -> None:
     """Re-derive the supervised text from the artifacts: it is exactly the selected steps' content."""
-    from atlas_exp.selectors.stage import read_selections, read_trajectories
+    from atlas_exp.run_dir import read_selections, read_trajectories
     from atlas_exp.train.masking import build_example
 
     trajs = read_trajectories(run_dir / "trajectories.jsonl")

@@ -510,7 +510,7 @@ def our_training_worker(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     config `conf/config.yaml` + `overrides` composes to, under an instrumented Trainer; return the
     instrumentation record and run_training's own summary."""
     from atlas_exp.config import compose
-    from atlas_exp.pipeline import RunDir
+    from atlas_exp.run_dir import RunDir
     from atlas_exp.train.trainer import run_training
 
     cfg = compose(list(overrides))

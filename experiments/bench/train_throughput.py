@@ -84,8 +84,7 @@ def worker_trl(args) -> dict:
 
     from atlas_exp.config import compose
     from atlas_exp.models import ModelSpec, load_model, load_tokenizer
-    from atlas_exp.pipeline import RunDir
-    from atlas_exp.selectors.stage import read_selections, read_trajectories
+    from atlas_exp.run_dir import RunDir, read_selections, read_trajectories
     from atlas_exp.train.masking import build_examples
     from atlas_exp.train.trainer import optimisation_arguments
 

@@ -66,7 +66,7 @@ def _before_hydra(argv: list[str]) -> None:
         return
     run_dirs = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "run_dir"]
     if run_dirs and run_dirs[-1] and "${" not in run_dirs[-1]:
-        from atlas_exp.pipeline import RunDirLock
+        from atlas_exp.run_dir import RunDirLock
 
         RunDirLock(run_dirs[-1]).acquire()  # released when this process exits
 

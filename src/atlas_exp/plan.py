@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from atlas_exp.config import CONF_DIR, safe_dirname
 from atlas_exp.errors import AtlasError, ConfigError
+from atlas_exp.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class PlannedRun:
 
     @property
     def status(self) -> str:
-        if (self.run_dir / "eval" / "results.json").exists():
+        rd = RunDir(self.run_dir)
+        if rd.results.exists():
             return "done"
-        if (self.run_dir / "model" / "training_summary.json").exists() or (self.run_dir / "checkpoints").exists():
+        if rd.training_summary.exists() or rd.checkpoints.exists():
             return "started"
         return "todo"
 

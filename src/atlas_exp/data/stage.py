@@ -17,7 +17,7 @@ from atlas_exp.artifacts import SCHEMA_VERSION, fingerprint, summary_matches, wr
 from atlas_exp.data.filters import FilterConfig, apply_filters, split_train_val
 from atlas_exp.data.sources import load_trajectories
 from atlas_exp.errors import AtlasError, ConfigError
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

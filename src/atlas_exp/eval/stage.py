@@ -40,7 +40,7 @@ from atlas_exp.eval.expert_steps import ExpertTrajectories, local_model, score_t
 from atlas_exp.eval.policy import Policy, PolicyContext
 from atlas_exp.eval.results import METRICS, SPLITS, TaskInfo, format_table, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 from atlas_exp.artifacts import iter_jsonl, read_json
 from atlas_exp.errors import AtlasError
 from atlas_exp.eval.results import SPLITS
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir
 
 #: the selector names that the selector classes write (`Selector.name`), by class: used when a run has no
 #: selection_summary.json yet (incomplete) or comes from W&B, where only the config's `_target_` is known

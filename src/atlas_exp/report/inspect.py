@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from atlas_exp.artifacts import atomic_write_text
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError, ConfigError
-from atlas_exp.pipeline import RunDir
 from atlas_exp.report.agreement import Agreement, agreement, jaccard  # noqa: F401 (re-exported)
+from atlas_exp.run_dir import RunDir, read_selections, read_trajectories
 from atlas_exp.selectors.base import Selection
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,6 @@ def render_html(
 
 
 def run_inspect_stage(cfg: DictConfig, rd: RunDir) -> None:
-    from atlas_exp.selectors.stage import read_selections, read_trajectories
-
     for p, stage in ((rd.trajectories, "data"), (rd.selection, "select")):
         if not p.exists():
             raise AtlasError(f"no {p.name} in {rd.root}: run the {stage} stage first (stage={stage})")

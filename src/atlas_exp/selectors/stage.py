@@ -14,26 +14,16 @@ from atlas_exp.artifacts import (
     SCHEMA_VERSION,
     file_fingerprint,
     fingerprint,
-    iter_jsonl,
     read_json,
     summary_matches,
     write_json,
     write_jsonl,
 )
-from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir, read_selections, read_trajectories  # noqa: F401 (read_selections: re-exported)
 from atlas_exp.selectors.base import Selection, Selector, summarize
 
 log = logging.getLogger(__name__)
-
-
-def read_trajectories(path) -> list[Trajectory]:
-    return [Trajectory.from_dict(d, source=f"{path}:{n}") for n, d in iter_jsonl(path)]
-
-
-def read_selections(path) -> list[Selection]:
-    return [Selection.from_dict(d, source=f"{path}:{n}") for n, d in iter_jsonl(path)]
 
 
 def build_selector(cfg: DictConfig) -> Selector:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from atlas_exp.artifacts import atomic_write_text
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.models import ModelSpec, materialize
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
