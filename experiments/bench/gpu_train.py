@@ -1,7 +1,8 @@
 """gpu_train: tokens/s and MFU of our trainer on real model architectures with random weights, vs TRL.
 
 What is measured: optimizer-step throughput of our training path (transformers Trainer + `MaskedCollator` +
-`supervised_loss`, i.e. what `run_training` builds, with `train.supervised_logits_only` on) and of TRL's
+`supervised_loss`, i.e. what `run_training` builds, with `train.supervised_logits_only` on: the supervised
+positions as integers, or with `--logits-keep mask` as the boolean mask of earlier versions) and of TRL's
 `SFTTrainer` on the same synthetic batches, for an architecture built from its config with random weights
 (no download): `8b` = Llama-3.1-8B, `1b` = Llama-3.2-1B, `smollm2` = SmolLM2-135M, `tiny` = a 2-layer toy
 for checking the script on a CPU. LoRA (r 16, all linear layers) or full finetuning (optionally under one of
@@ -139,8 +140,12 @@ def worker(args) -> dict:
     if args.worker == "ours":
         from datasets import Dataset
 
-        from atlas_exp.train.collator import MaskedCollator
+        from atlas_exp.train.collator import MaskedCollator, logits_positions_supported
         from atlas_exp.train.loss import supervised_loss
+
+        positions = args.logits_keep == "positions"
+        if positions and not logits_positions_supported():
+            raise SystemExit("--logits-keep positions: this transformers does not take integer logits_to_keep [rows, K]")
 
         if args.mode == "lora":
             from peft import get_peft_model
@@ -150,7 +155,8 @@ def worker(args) -> dict:
         cls.bench_records = []
         trainer = cls(model=model, args=TrainingArguments(remove_unused_columns=False, **common_args),
                       train_dataset=Dataset.from_dict(data),
-                      data_collator=MaskedCollator(pad_token_id=0, supervised_logits_only=True),
+                      data_collator=MaskedCollator(pad_token_id=0, supervised_logits_only=True,
+                                                   logits_positions=positions),
                       compute_loss_func=supervised_loss)
     else:
         from datasets import Dataset
@@ -183,6 +189,7 @@ def worker(args) -> dict:
         "attn_implementation": attn,
         "train_loss": rec["train_loss"],
         "torch_compile": args.compile,
+        "logits_keep": args.logits_keep if args.worker == "ours" else None,
         "matmul_tflops_measured": _matmul_tflops() if on_gpu and args.worker == "ours" else None,
     }
 
@@ -221,6 +228,8 @@ def _variant(args, defaults) -> str:
         parts.append("grad ckpt")
     if args.deepspeed:
         parts.append(args.deepspeed)
+    if changed("logits_keep"):
+        parts.append(f"logits_to_keep as a {args.logits_keep}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -266,6 +275,8 @@ def main() -> None:
     p.add_argument("--deepspeed", default=None, help="a conf/deepspeed/<name>.yaml config (zero2, zero3, zero3_offload)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
     p.add_argument("--no-trl", action="store_true", help="only ours")
+    p.add_argument("--logits-keep", choices=["positions", "mask"], default="positions",
+                   help="ours: supervised positions as integers (the trainer's path) or as a boolean mask (before)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)

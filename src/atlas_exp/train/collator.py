@@ -6,9 +6,17 @@
   builds a block-diagonal causal mask (and FlashAttention its varlen boundaries): no token attends across
   sequences (tests/test_packing.py proves the logits equal each sequence's alone). The first label of each
   sequence is -100 so that no sequence is trained to predict the next one's first token.
-- `supervised_logits_only`: also hand the model `logits_to_keep`, a boolean mask of the positions whose next
-  token is supervised, so that the vocabulary projection (and its softmax) runs only where the loss needs
-  it: at ratio 0.3 that is a small share of the tokens. The loss is then `supervised_loss` (train/loss.py).
+- `supervised_logits_only`: also hand the model `logits_to_keep`, the positions whose next token is supervised,
+  so that the vocabulary projection (and its softmax) runs only where the loss needs it: at ratio 0.3 that is
+  a small share of the tokens. The loss is then `supervised_loss` (train/loss.py). Two forms:
+  - `logits_positions=True` (what the trainer uses): integer positions `[rows, K]`, K = the most supervised
+    positions of any row (shorter rows repeat position 0), and `labels` replaced by those positions' targets,
+    `[rows, 1 + K]` (column 0 and the repeats are -100). The model gathers the positions
+    (`torch.take_along_dim`) and the loss reads its targets as they are: no boolean indexing happens on the
+    device, so nothing waits for the GPU to learn how many positions there are (a host sync per micro-batch,
+    which shows when kernels are as short as a 135M model's). The leading -100 column keeps the Trainer's
+    count of supervised tokens (over `labels[..., 1:]`) right. Exact (tests/test_logits_positions.py).
+  - otherwise: a boolean mask `[rows, length]`; the model returns the logits of its True positions flattened.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 import torch
 
-from atlas_exp.train.loss import next_token_supervised
+from atlas_exp.train.loss import next_token_supervised, supervised_positions
 
 
 @dataclass
@@ -26,17 +34,23 @@ class MaskedCollator:
     """Collates a list of {"input_ids", "labels"}; padding is never attended nor supervised.
 
     `pad_to_multiple_of` (padded mode) rounds the row length up, which helps tensor cores on a GPU.
+    `logits_positions` (with `supervised_logits_only`): integer positions and compact labels instead of a
+    boolean mask (see the module's docstring).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     pack: bool = False
     supervised_logits_only: bool = False
+    logits_positions: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._packed(features) if self.pack else self._padded(features)
         if self.supervised_logits_only:
-            batch["logits_to_keep"] = next_token_supervised(batch["labels"])
+            if self.logits_positions:
+                batch["logits_to_keep"], batch["labels"] = supervised_positions(batch["labels"])
+            else:
+                batch["logits_to_keep"] = next_token_supervised(batch["labels"])
         return batch
 
     def _padded(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -66,3 +80,19 @@ class MaskedCollator:
             positions.append(torch.arange(k, dtype=torch.long))
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
                 "position_ids": torch.cat(positions)[None]}
+
+
+def logits_positions_supported() -> bool:
+    """Whether this transformers version's models take `logits_to_keep` as integer positions `[rows, K]`
+    (`slice_logits_to_keep`, used by Llama-family models: a 2-D integer tensor is gathered per row).
+    Older versions index `hidden[:, positions, :]`, which would mix rows: there the boolean mask is used."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    hidden = torch.arange(12.0).view(2, 3, 2)
+    try:
+        out = slice_logits_to_keep(hidden, torch.tensor([[2], [0]]))
+    except Exception:
+        return False
+    return tuple(out.shape) == (2, 1, 2) and out[0, 0, 0].item() == 4.0 and out[1, 0, 0].item() == 6.0

@@ -181,7 +181,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from atlas_exp.selectors.stage import read_selections, read_trajectories
-    from atlas_exp.train.collator import MaskedCollator
+    from atlas_exp.train.collator import MaskedCollator, logits_positions_supported
     from atlas_exp.train.loss import supervised_loss
     from atlas_exp.train.masking import build_examples
 
@@ -269,8 +269,11 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         model=model,
         args=args,
         train_dataset=train_data,
+        # supervised positions as integers (no boolean indexing, so no host sync, per micro-batch) where the
+        # installed transformers takes them; else as a boolean mask (train/collator.py)
         data_collator=MaskedCollator(pad_token_id=tok.pad_token_id, pack=bool(tc.get("packing", False)),
-                                     supervised_logits_only=supervised_only),
+                                     supervised_logits_only=supervised_only,
+                                     logits_positions=supervised_only and logits_positions_supported()),
         # with logits only at supervised positions the model cannot compute its own loss; this is the same loss
         compute_loss_func=supervised_loss if supervised_only else None,
         processing_class=tok,
