@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from atlas_exp.artifacts import iter_jsonl
+from atlas_exp.data.selection import Selection
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError
-from atlas_exp.selectors.base import Selection
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Trajectories: the canonical model, importers from public formats, and filters."""
+"""Trajectories and their selections: the canonical records, importers from public formats, and filters."""
 
+from atlas_exp.data.selection import Selection, StepChoice
 from atlas_exp.data.trajectory import Message, Trajectory
 
-__all__ = ["Message", "Trajectory"]
+__all__ = ["Message", "Selection", "StepChoice", "Trajectory"]

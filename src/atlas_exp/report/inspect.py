@@ -23,11 +23,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from atlas_exp.artifacts import atomic_write_text
+from atlas_exp.data.selection import Selection
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.report.agreement import Agreement, agreement, jaccard  # noqa: F401 (re-exported)
 from atlas_exp.run_dir import RunDir, read_selections, read_trajectories
-from atlas_exp.selectors.base import Selection
 
 log = logging.getLogger(__name__)
 

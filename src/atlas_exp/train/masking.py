@@ -69,9 +69,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from atlas_exp.data.selection import Selection
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import ConfigError, DataError, TemplateError
-from atlas_exp.selectors.base import Selection
 
 log = logging.getLogger(__name__)
 
