@@ -35,8 +35,8 @@ def measure(overrides: list[str]) -> dict:
     from atlas_exp.config import compose, register_resolvers
     from atlas_exp.data.stage import run_data_stage
     from atlas_exp.models import ModelSpec, load_tokenizer
-    from atlas_exp.pipeline import RunDir
-    from atlas_exp.selectors.stage import read_selections, read_trajectories, run_select_stage
+    from atlas_exp.run_dir import RunDir, read_selections, read_trajectories
+    from atlas_exp.selectors.stage import run_select_stage
     from atlas_exp.train.masking import build_examples
 
     register_resolvers()
