@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from atlas_exp.device import get_device, get_dtype
 from atlas_exp.errors import ConfigError
 from atlas_exp.eval.prefix_cache import PrefixCache, Row, layout
 
@@ -174,12 +175,6 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return sorted(ids)
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class HFPolicy:
     """A local transformers model as the agent.
 
@@ -224,13 +219,9 @@ class HFPolicy:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.batch_size = int(batch_size)
-        self.device = _device()
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype, None)
-            if not isinstance(torch_dtype, torch.dtype):
-                raise ConfigError(f"policy.dtype={dtype!r} is not a torch dtype (auto | bfloat16 | float16 | float32)")
+        self.device = get_device()
+        torch_dtype = get_dtype(dtype, self.device, option="policy.dtype",
+                                invalid="{option}={value!r} is not a torch dtype (auto | bfloat16 | float16 | float32)")
         src = ModelSource.resolve(context, model)
         self.source = src.describe()
         if src.adapter is not None:

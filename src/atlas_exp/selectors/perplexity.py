@@ -92,6 +92,7 @@ from typing import Any
 
 from atlas_exp.artifacts import fingerprint
 from atlas_exp.data.trajectory import Message, Trajectory
+from atlas_exp.device import get_device, get_dtype
 from atlas_exp.errors import AtlasError, ConfigError, TemplateError
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
 
@@ -293,28 +294,6 @@ class SpanScorer:
 _POOL: dict[tuple, list[Any]] = {}
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def _resolve_dtype(dtype: str, device: str):
-    import torch
-
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
-    if dtype in (None, "", "auto"):
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if str(dtype) not in names:
-        raise ConfigError(f"selector.dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    return names[str(dtype)]
-
-
 def _model_spec(model: Any):
     from atlas_exp.models import ModelSpec
 
@@ -444,8 +423,8 @@ class PerplexitySelector(Selector):
         self.name = "perplexity_delta" if metric == "ratio" else "perplexity"
         self.spec = _model_spec(model)
         self.cache_dir = str(cache_dir)
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = get_device(device)
+        self.dtype = get_dtype(dtype, self.device, option="selector.dtype")
         self.batch_size = int(batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
         self._max_length = None if max_length is None else int(max_length)

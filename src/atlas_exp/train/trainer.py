@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atlas_exp.artifacts import SCHEMA_VERSION, file_fingerprint, fingerprint, summary_matches, write_json
+from atlas_exp.device import get_precision
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.models import ModelSpec, load_model, load_tokenizer, materialize
-from atlas_exp.pipeline import RunDir
+from atlas_exp.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,6 @@ def is_up_to_date(cfg: DictConfig, rd: RunDir) -> bool:
     if not (rd.trajectories.exists() and rd.selection.exists()):
         return False
     return summary_matches(rd.training_summary, train_fingerprint(cfg, rd), rd.model)
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 on a GPU that supports it, else fp32 (CPUs train in fp32)."""
-    precision = str(precision)
-    if precision == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision={precision!r}; choose auto, bf16, fp16 or fp32")
-    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ConfigError(f"train.precision={precision} needs a GPU; use train.precision=fp32 (or auto) on CPU")
-    return precision
 
 
 def last_complete_checkpoint(folder: Path) -> str | None:
@@ -180,7 +167,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     """Train on this process (one rank of a torchrun job, or alone). Only rank 0 writes artifacts."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from atlas_exp.selectors.stage import read_selections, read_trajectories
+    from atlas_exp.run_dir import read_selections, read_trajectories
     from atlas_exp.train.collator import MaskedCollator, logits_positions_supported
     from atlas_exp.train.loss import supervised_loss
     from atlas_exp.train.masking import build_examples
@@ -190,7 +177,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     fp = train_fingerprint(cfg, rd)
     tc = cfg.train
     spec = ModelSpec.from_cfg(cfg.model)
-    precision = resolve_precision(tc.precision)
+    precision = get_precision(tc.precision)
 
     # 1. masked examples: the whole trajectory is the input, only selected steps are supervised
     tok = load_tokenizer(spec, cfg.cache_dir)
