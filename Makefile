@@ -11,6 +11,7 @@ help:
 	@echo "make run [ARGS='selector=random ratio=0.3']  set up .venv (once) and run data -> select -> train"
 	@echo "make test                                     run the whole test suite (as CI does)"
 	@echo "make test-fast                                tests without the slow multi-process ones"
+	@echo "make lint                                     ruff, then the import layers (lint-imports)"
 	@echo "make setup                                    create .venv and install the project"
 	@echo "make ablation-plan                            print the paper-size ablation grid and what is done"
 	@echo "make ablation                                 run it (GPU machine; without a GPU only the plan is printed)"
@@ -107,9 +108,11 @@ bench-quick: $(VENV)/.bench-installed
 gpu-dry-run: setup
 	$(PY) experiments/gpu/run.py --dry-run --record-imports outputs/gpu_dry_run/imports $(ARGS)
 
+# ruff with pyproject.toml's [tool.ruff] rules, then the import layers ([tool.importlinter])
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check src tests
+	$(PY) -m pip install -q ruff import-linter
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf outputs/default build dist *.egg-info

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TEST_CACHE
 
 from atlas_exp.config import CONF_DIR, compose
-from conftest import REPO, TEST_CACHE
 
 
 def app(*overrides: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import TEST_CACHE
+from test_app import app
 
 from atlas_exp.envs.base import Env, StepResult
 from atlas_exp.envs.textcraft import TextCraftEnv, sample_episode
@@ -15,8 +17,6 @@ from atlas_exp.eval.policy import HFPolicy, NoReply, PolicyContext
 from atlas_exp.eval.prefix_cache import common_prefix
 from atlas_exp.eval.results import TaskInfo, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
-from conftest import TEST_CACHE
-from test_app import app
 
 
 class ExpertPolicy:

@@ -101,7 +101,7 @@ def worker_trl(args) -> dict:
     )
     ds = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
 
-    model = load_model(spec, cfg.cache_dir, dtype=torch.float32)  # fp32 on CPU, as resolve_precision("auto") gives
+    model = load_model(spec, cfg.cache_dir, dtype=torch.float32)  # fp32 on CPU, as get_precision("auto") gives
     model.config.use_cache = False
     lc = tc.lora
     target = lc.target_modules
@@ -186,7 +186,10 @@ def main() -> None:
                 runs[side].append(res)
 
     ours0, trl0 = runs["ours"][0]["record"], runs["trl"][0]["record"]
-    digests = lambda rec: [(b["ids"], b["labels"]) for b in rec["batches"]]
+
+    def digests(rec: dict) -> list:
+        return [(b["ids"], b["labels"]) for b in rec["batches"]]
+
     same_batches = all(digests(x["record"]) == digests(ours0) for x in runs["ours"] + runs["trl"])
     arg_keys = set(ours0["args"]) - {"train_sampling_strategy"} | {"train_sampling_strategy"}
     args_diff = {k: (ours0["args"].get(k), trl0["args"].get(k)) for k in sorted(arg_keys) if ours0["args"].get(k) != trl0["args"].get(k)}

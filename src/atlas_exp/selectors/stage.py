@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any
 
-from atlas_exp.config import build
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -19,8 +18,9 @@ from atlas_exp.artifacts import (
     write_json,
     write_jsonl,
 )
+from atlas_exp.config import build
 from atlas_exp.errors import AtlasError
-from atlas_exp.run_dir import RunDir, read_selections, read_trajectories  # noqa: F401 (read_selections: re-exported)
+from atlas_exp.run_dir import RunDir, read_trajectories
 from atlas_exp.selectors.base import Selection, Selector, summarize
 
 log = logging.getLogger(__name__)
