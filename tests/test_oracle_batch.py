@@ -95,6 +95,7 @@ def test_shared_replies_build_a_selection_with_no_request_sent(textcraft_trajs, 
     stats = sel.stats()
     assert stats["requests"] == 0 and stats["ok"] == len(textcraft_trajs) == 374 and stats["failed"] == 0
     assert stats["batch"]["replies"] == 374 and stats["batch"]["cost_usd_estimate"] > 0
+    assert stats["batch"]["price_usd_per_1m"] == {"prompt": 1.25, "completion": 5.0}  # gpt-4o at half price
     assert "estimated" in stats["batch"]["token_counts"]  # the files have no usage: labelled as estimates
     outputs = {d["custom_id"]: d for _, d in iter_jsonl(judge_dir / "textcraft.batch_output.jsonl")}
     for s, t in zip(out, textcraft_trajs):

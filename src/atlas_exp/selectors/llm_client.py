@@ -94,9 +94,9 @@ def strip_bounds(schema: Any) -> Any:
     return schema
 
 
-def price_for(model: str, prices: dict[str, Any], option: str = "selector.client") -> tuple[float, float] | None:
-    """(USD per 1M prompt tokens, per 1M completion tokens): the exact model name, else the longest
-    table entry it starts with (so `gpt-4o-mini-2024-07-18` finds `gpt-4o-mini`); None if unknown."""
+def _price_entry(model: str, prices: dict[str, Any]) -> Any:
+    """The table entry of a model: its exact name, else the longest entry it starts with (so
+    `gpt-4o-mini-2024-07-18` finds `gpt-4o-mini`); None if unknown."""
     if not prices:
         return None
     entry = prices.get(model)
@@ -104,14 +104,24 @@ def price_for(model: str, prices: dict[str, Any], option: str = "selector.client
         keys = [k for k in prices if model.startswith(k + "-")]
         if keys:
             entry = prices[max(keys, key=len)]
+    return entry
+
+
+def price_for(model: str, prices: dict[str, Any], option: str = "selector.client", *, batch: bool = False) -> tuple[float, float] | None:
+    """(USD per 1M prompt tokens, per 1M completion tokens) of a model, None if unknown; with `batch`, at
+    Batch API prices (the entry's `batch_discount`, 0 if it has none)."""
+    entry = _price_entry(model, prices)
     if entry is None:
         return None
     try:
-        return float(entry["prompt"]), float(entry["completion"])
-    except (KeyError, TypeError, ValueError):
+        price = float(entry["prompt"]), float(entry["completion"])
+        discount = float(entry.get("batch_discount") or 0.0) if batch else 0.0
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise ConfigError(
-            f"{option}.prices[{model!r}] must be {{prompt: USD per 1M tokens, completion: USD per 1M tokens}}"
+            f"{option}.prices[{model!r}] must be {{prompt: USD per 1M tokens, completion: USD per 1M tokens"
+            f", batch_discount: share off in the Batch API (optional)}}"
         ) from None
+    return price[0] * (1 - discount), price[1] * (1 - discount)
 
 
 class ReplyCache:

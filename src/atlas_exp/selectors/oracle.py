@@ -52,6 +52,7 @@ from atlas_exp.selectors.base import Selection, Selector, StepChoice, check_rati
 from atlas_exp.selectors.llm_client import DEFAULT_PRICES, ChatClient, LLMError, Reply, price_for
 from atlas_exp.selectors.local_server import LocalServer
 from atlas_exp.selectors.oracle_batch import (
+    CHANGED,
     BatchReply,
     read_outputs,
     request_fingerprint,
@@ -185,8 +186,8 @@ class OracleSelector(Selector):
         base_url = client.pop("base_url", None) or None
         self.server: LocalServer | None = None
         prices = client.get("prices")
-        entry = price_for(str(client.get("model", "gpt-4o")), prices if prices is not None else DEFAULT_PRICES)
-        self._batch_price = None if entry is None else tuple(p * (1 - self._batch_discount(client)) for p in entry)
+        self._batch_price = price_for(str(client.get("model", "gpt-4o")), DEFAULT_PRICES if prices is None else prices,
+                                      batch=True)
         if base_url is None and api_key is None and self.live:
             # the embedded default: no endpoint and no key configured
             self.server = LocalServer(**local)
@@ -252,7 +253,7 @@ class OracleSelector(Selector):
             self._executors.discard(ex)
         if self._pending:
             self._write_batch(len(trajectories))
-        changed = self._not_judged.get("request changed", 0)
+        changed = self._not_judged.get(CHANGED, 0)
         if changed:
             log.warning(
                 "oracle: %d of %d trajectories not judged: their replies in selector.batch.read answer other "
@@ -357,7 +358,7 @@ class OracleSelector(Selector):
         if self.batch_index is None:  # pragma: no cover - file mode means read or write
             raise _NotJudged("missing", "not judged")
         kind, message = self.batch_index.why_missing(traj.id, repair=repair)
-        if kind == "request changed":
+        if kind == CHANGED:
             message += f"; asked now at judge_ratio={self.judge_ratio} with judge model {self.client.model!r}"
         raise _NotJudged(kind, message + " (selector.batch.write=PATH writes the missing requests; "
                                          "selector.batch.live=true sends them)")
@@ -376,20 +377,6 @@ class OracleSelector(Selector):
             self._batch_counts["completion_tokens"] += c
             self._batch_counts["estimated_token_counts"] += int(estimated)
         return Reply(found.text, found.finish_reason, p, c, format="batch", cached=False)
-
-    @staticmethod
-    def _batch_discount(client: dict[str, Any]) -> float:
-        """The Batch API discount of the judge model's price entry (`batch_discount`, e.g. 0.5); 0 if none."""
-        prices = client.get("prices")
-        prices = DEFAULT_PRICES if prices is None else prices
-        model = str(client.get("model", "gpt-4o"))
-        entry = prices.get(model) or next(
-            (prices[k] for k in sorted(prices, key=len, reverse=True) if model.startswith(k + "-")), None
-        )
-        try:
-            return float((entry or {}).get("batch_discount") or 0.0)
-        except (TypeError, ValueError):
-            raise ConfigError(f"selector.client.prices[{model!r}].batch_discount must be a number in [0, 1)") from None
 
     def _write_batch(self, n_trajectories: int) -> None:
         """Write the queued requests as a batch input file and stop the stage, saying what to do next."""
