@@ -14,7 +14,8 @@ was made for; a mismatch is an error naming the id, never a silent misalignment.
 fingerprint are counted (`unverified_content`) and logged.
 
 `mode=as_is` (default) keeps the recorded choice; `mode=top_ratio` re-selects the top `ratio` steps by the
-recorded score (labels score 1/0), e.g. to take an oracle's ranked picks at a smaller ratio.
+recorded score (labels score 1/0), e.g. to take an oracle's ranked picks at a smaller ratio. A trajectory
+without a record stops the stage with an error naming it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_selec
 log = logging.getLogger(__name__)
 
 MODES = ("as_is", "top_ratio")
-ON_MISSING = ("error", "skip_check")
 
 
 def _steps_of(rec: dict[str, Any], where: str) -> list[StepChoice]:
@@ -59,13 +59,10 @@ class PrecomputedSelector(Selector):
 
     name = "precomputed"
 
-    def __init__(self, ratio: float = 0.3, seed: int = 0, *, path: Any = None, mode: str = "as_is",
-                 on_missing: str = "error"):
+    def __init__(self, ratio: float = 0.3, seed: int = 0, *, path: Any = None, mode: str = "as_is"):
         super().__init__(ratio=ratio, seed=seed)
         if mode not in MODES:
             raise ConfigError(f"selector.mode must be one of {MODES}, got {mode!r}")
-        if on_missing not in ("error",):
-            raise ConfigError("selector.on_missing: only `error` is supported (a trajectory without a record stops the stage)")
         paths = [path] if isinstance(path, (str, Path)) else list(path or [])
         if not paths:
             raise ConfigError("selector=precomputed needs selector.path (a selection.jsonl or a labels file, or a list)")
