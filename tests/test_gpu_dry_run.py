@@ -73,14 +73,14 @@ def test_dry_run_runs_every_phase_and_exports_what_the_device_returns(tmp_path, 
     out, export = tmp_path / "out", tmp_path / "export"
     p = subprocess.run([sys.executable, "experiments/gpu/run.py", "--dry-run", "--out", str(out), "--export", str(export),
                         "--cache-dir", str(TEST_CACHE), "--data-root", str(SHARED_DATA)],
-                       cwd=REPO, capture_output=True, text=True, timeout=7200,
+                       cwd=REPO, capture_output=True, text=True, timeout=9000,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     s = json.loads((out / "summary.json").read_text())
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     assert {k: v["status"] for k, v in s["phases"].items()} == dict.fromkeys(gpu_run.PHASES, "done")
     for row in gpu_run.ROWS:
         r = s["rows"][row]
-        assert r["status"] == "done" and r["train.global_step"] == 2, (row, r)
+        assert r["status"] == "done" and r["train.global_step"] == 1, (row, r)
         assert {t: v["n"] for t, v in r["eval"].items()} == {"textcraft": 1, "babyai": 1}, (row, r)
     for stage, n in (("zero2", 2), ("zero3", 3)):
         d = s["deepspeed"][stage]

