@@ -132,6 +132,7 @@ def test_alone_losses_batched_with_padding_equal_one_at_a_time(delta, delta_out,
 def test_span_scorer_pads_without_leaking(delta):
     # sequences of different lengths in one padded batch vs one at a time, spans at both ends
     seqs = [ScoredSeq(list(range(100, 100 + n)), [(1, 4), (n - 5, n)], [(n, 0), (n, 1)]) for n in (9, 23, 40)]
+    delta.load()  # the model loads lazily on the first select(): this test must not depend on an earlier one
     one = SpanScorer(delta.model, batch_size=1).score(seqs)
     batched = SpanScorer(delta.model, batch_size=8, max_batch_tokens=10_000).score(seqs)
     assert one.keys() == batched.keys()
