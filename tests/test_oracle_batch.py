@@ -215,6 +215,34 @@ def test_batch_write_then_read_round_trips_through_a_real_llama_cpp_server(tmp_p
         assert 1 <= len(s.selected_steps) <= judge_cap(2, 0.3)
 
 
+def test_batch_file_lines_follow_the_input_order_whatever_thread_finishes_first(tmp_path, monkeypatch):
+    """Judging threads queue requests in the order they finish; the file is written in input order, so
+    the same selection always writes the same file."""
+    import time
+
+    trajs = [
+        Trajectory(id=f"toy_{i}", env="textcraft", messages=[
+            Message("user", f"Goal: craft item {i}."),
+            Message("assistant", "Thought:\nI check.\n\nAction:\ninventory", step=0),
+            Message("user", "Inventory: 2 planks."),
+        ])
+        for i in range(6)
+    ]
+    real = oracle_prompt.build_messages
+
+    def slow_for_the_first(traj, *a, **kw):
+        if traj.id in ("toy_0", "toy_1"):
+            time.sleep(0.3)  # the first trajectories finish last
+        return real(traj, *a, **kw)
+
+    monkeypatch.setattr("atlas_exp.selectors.oracle.build_messages", slow_for_the_first)
+    out = tmp_path / "b.batch_input.jsonl"
+    with pytest.raises(StageStopped, match="wrote 6 request"):
+        with offline_selector(tmp_path, concurrency=4, batch={"write": str(out)}) as sel:
+            list(sel.select(trajs))
+    assert [split_custom_id(d["custom_id"])[0] for _, d in iter_jsonl(out)] == [t.id for t in trajs]
+
+
 def test_batch_options_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="selector.batch: unknown option"):
         OracleSelector(cache_dir=tmp_path, batch={"reed": ["x"]})

@@ -57,6 +57,7 @@ from atlas_exp.selectors.oracle_batch import (
     read_outputs,
     request_fingerprint,
     request_line,
+    split_custom_id,
     submit_hint,
     write_requests,
 )
@@ -252,7 +253,7 @@ class OracleSelector(Selector):
             ex.shutdown(wait=True, cancel_futures=True)
             self._executors.discard(ex)
         if self._pending:
-            self._write_batch(len(trajectories))
+            self._write_batch([t.id for t in trajectories])
         changed = self._not_judged.get(CHANGED, 0)
         if changed:
             log.warning(
@@ -378,9 +379,16 @@ class OracleSelector(Selector):
             self._batch_counts["estimated_token_counts"] += int(estimated)
         return Reply(found.text, found.finish_reason, p, c, format="batch", cached=False)
 
-    def _write_batch(self, n_trajectories: int) -> None:
-        """Write the queued requests as a batch input file and stop the stage, saying what to do next."""
+    def _write_batch(self, ids: Sequence[str]) -> None:
+        """Write the queued requests as a batch input file and stop the stage, saying what to do next.
+
+        Lines follow the trajectories' input order (threads queue them in the order they finish), so the
+        same selection writes the same file.
+        """
         assert self.batch_write is not None
+        n_trajectories = len(ids)
+        order = {tid: i for i, tid in enumerate(ids)}
+        self._pending.sort(key=lambda line: order.get(split_custom_id(line["custom_id"])[0], n_trajectories))
         path = write_requests(self.batch_write, self._pending)
         n_waiting = len(self._pending_ids)
         raise StageStopped(submit_hint(path, len(self._pending), n_waiting, n_trajectories - n_waiting, self.client.model))
