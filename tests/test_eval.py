@@ -437,7 +437,7 @@ def test_openai_policy_errors_name_the_policy_option(tmp_path, monkeypatch):
 def test_openai_policy_against_a_real_llama_cpp_server(tmp_path):
     """`policy=openai` plays through any OpenAI-compatible endpoint: here llama.cpp's server on the SmolLM2
     GGUF. A rerun of the same episodes against the same server is answered from the reply cache."""
-    from atlas_exp.selectors.local_server import LocalServer
+    from atlas_exp.llm.server import LocalServer
 
     with LocalServer(n_ctx=4096) as server:
         args = [f"run_dir={tmp_path / 'run'}", "stage=eval", "policy=openai", f"policy.base_url={server.base_url}",

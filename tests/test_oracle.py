@@ -21,7 +21,7 @@ import pytest
 
 from atlas_exp.errors import AtlasError
 from atlas_exp.selectors.base import Selection
-from atlas_exp.selectors.llm_client import DEFAULT_PRICES, ReplyCache, price_for, strip_bounds
+from atlas_exp.llm.client import DEFAULT_PRICES, ReplyCache, price_for, strip_bounds
 from atlas_exp.selectors.oracle import OracleSelector
 from atlas_exp.selectors.oracle_prompt import (
     CATEGORIES,

@@ -21,7 +21,7 @@ from atlas_exp.artifacts import iter_jsonl
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError, StageStopped
 from atlas_exp.selectors import oracle_prompt
-from atlas_exp.selectors.local_server import LocalServer
+from atlas_exp.llm.server import LocalServer
 from atlas_exp.selectors.oracle import OracleSelector
 from atlas_exp.selectors.oracle_batch import read_outputs, request_fingerprint, split_custom_id
 from atlas_exp.selectors.oracle_prompt import build_messages, judge_cap

@@ -412,7 +412,7 @@ class OpenAIPolicy:
         cache_path: str | None = None,
         prices: dict[str, Any] | None = None,
     ):
-        from atlas_exp.selectors.llm_client import ChatClient
+        from atlas_exp.llm.client import ChatClient
 
         api_key = os.environ.get(api_key_env)
         if not api_key and not base_url:
@@ -441,7 +441,7 @@ class OpenAIPolicy:
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
 
     def _one(self, conversation: list[Message]) -> str | NoReply:
-        from atlas_exp.selectors.llm_client import LLMError
+        from atlas_exp.llm.client import LLMError
 
         try:
             return self.client.chat(conversation).text.strip()

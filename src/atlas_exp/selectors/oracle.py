@@ -48,9 +48,9 @@ from typing import Any
 
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError, ConfigError, StageStopped
+from atlas_exp.llm.client import DEFAULT_PRICES, ChatClient, LLMError, Reply, price_for
+from atlas_exp.llm.server import LocalServer
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, check_ratio
-from atlas_exp.selectors.llm_client import DEFAULT_PRICES, ChatClient, LLMError, Reply, price_for
-from atlas_exp.selectors.local_server import LocalServer
 from atlas_exp.selectors.oracle_batch import (
     CHANGED,
     BatchReply,

@@ -592,7 +592,7 @@ class PerplexitySelector(Selector):
         if not self._use_score_cache:
             return self._compute_chunk(trajs, offset)
         if self._score_cache is None:
-            from atlas_exp.selectors.llm_client import ReplyCache
+            from atlas_exp.llm.client import ReplyCache
 
             self._score_cache = ReplyCache(Path(self.cache_dir) / "step_scores" / f"{self.name}.jsonl")
         keys = [self._cache_key(t) for t in trajs]
