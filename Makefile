@@ -110,7 +110,6 @@ gpu-dry-run: setup
 
 # ruff with pyproject.toml's [tool.ruff] rules, then the import layers ([tool.importlinter])
 lint: setup
-	$(PY) -m pip install -q ruff import-linter
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/lint-imports --no-cache
 
