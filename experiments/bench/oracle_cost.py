@@ -68,7 +68,7 @@ def main() -> None:
     envs = [e for e in args.envs.split(",") if e]
     trajs = common.load_trajectories(args.data_dir, envs, n)
 
-    from atlas_exp.selectors.llm_client import price_for
+    from atlas_exp.llm.client import price_for
     from atlas_exp.selectors.oracle_prompt import build_messages, judge_cap
 
     with tempfile.TemporaryDirectory(prefix="bench-oracle-") as tmp:
