@@ -1,53 +1,7 @@
 """Record -> Trajectory converters for the public formats expert trajectories come in.
 
-Every converter takes one decoded record plus `where` (the `<file>:<line>` or `<source>#<n>` it came from)
-and returns a canonical `Trajectory`, or raises a `DataError` naming `where` and the record's own field
-(`conversations[3].value`), never the canonical one, so the user can find the problem in their file.
-
-Formats (`format=`):
-
-- `agentgym` (alias `sharegpt`): AgentGym/AgentTraj-L and ETO-style ShareGPT,
-  `{"item_id"|"id", "env"?, "conversations": [{"from", "value", "loss"?}], ...}`. `from` is
-  human/gpt/system (any name of the role map below). `loss: false` marks an assistant turn as not
-  trainable (AgentTraj-L's first "OK. I'll follow..." turn); `loss: true`, `null` or absent on an
-  assistant turn means trainable. In AgentTraj-L every user turn has `loss: null`, every first assistant
-  turn `loss: false` and every later one `loss: true`; ALFWorld's expert file has no `loss` at all, and
-  all its assistant turns are expert actions, so "absent means trainable" is the rule that fits both.
-  `loss: true` on a user/system turn is an error: nothing but assistant turns can be trained.
-- `openai`: OpenAI chat fine-tuning records, `{"messages": [{"role", "content", "weight"?}], "tools"?,
-  "id"?, "env"?}`. `weight: 0` marks an assistant turn as not trainable (as in OpenAI's format); any other
-  weight is kept as that step's weight. Tool calling: an assistant message with `tool_calls` (its content
-  may be null) is a step like any other, `tool` messages are observations, `tools` go with the trajectory
-  (see `trajectory.py`); the legacy `function_call` / `function` role read the same way. Our own canonical
-  `trajectories.jsonl` reads back through this format too (its `trainable: false` is honoured, its `step`
-  numbers are recomputed, its `meta` stays `meta`, and its `source` becomes where it is read now).
-- `generic`: a record that is itself a list of `{role, content}` messages, or an object holding such a
-  list under `messages_key`.
-- `transcript`: one text block per record (`Thought 1: ... Action 1: ... Observation 1: ...`, or lines
-  starting with `> ` for the agent's actions), optionally after a few-shot prefix; see `TranscriptOptions`.
-- `pairs`: single-step `input`/`output` records (Alpaca's `instruction`/`input`/`output`, `prompt`/
-  `completion`, ...); see `PairOptions`.
-- `auto`: `conversations` or `messages` (or `messages_key`) -> a list of messages, a bare list -> generic,
-  an object with an input and an output field -> pairs.
-
-Lists of messages, whatever the format, are read through one field map (`ChatFields`): which key holds the
-turns (`messages_key`), each turn's role, content, loss and weight keys (`role_key`, `content_key`,
-`loss_key`, `weight_key`), and a role-name map (`roles`, {canonical role: [names in the file]}) on top of
-`DEFAULT_ROLES`. Left unset, `role_key`/`content_key` are `role`/`content` or `from`/`value`, whichever each
-turn has (`agentgym` and `openai` fix them to their own). `loss` (true/false/null), `weight` (a number >= 0;
-0 = not trained) and our canonical `trainable` (true/false) are honoured in every format. A content that is
-a list of parts (`[{"type": "text", "text": ...}]`) is joined with newlines; a non-text part is an error.
-
-The id is the record's `item_id` or `id`; records without one get the source's `default_id` (derived
-from the file name and line). The env is resolved in this order (see `resolve_env`):
-1. the record's `env` field;
-2. the source's `env` setting (`default_env`), for data that does not name its env;
-3. the record's id, when it has the AgentGym form `<env>_<n>` (LMRL-Gym's `lmrlgym_<env>_<n>` for maze
-   and wordle): every AgentTraj-L id follows this form and yields exactly its `env` field;
-4. the file name (`fallback_env`, from `env_from_filename`): `maze.jsonl` -> maze,
-   `alfworld_train_expert_gt.jsonl` -> alfworld.
-If none applies the record is a DataError on field `env` that says to set `env` on the source.
-"""
+Every converter raises a `DataError` naming where the record came from and its own field. Each format,
+the field map and how the env is resolved: docs/data_formats.md#record-formats."""
 
 from __future__ import annotations
 

@@ -1,53 +1,6 @@
 """ALFWorld (TextWorld household tasks) with AgentGym's text interface, for held-out evaluation.
 
-Our AgentTraj-L copy has no ALFWorld trajectories, so the interface is taken from AgentGym's ALFWorld server
-and client (`agentenv-alfworld`, `agentenv/envs/alfworld.py`) and checked against the wording of ALFWorld's
-own expert trajectories (`alfworld_train_expert_gt.jsonl`, see tests/test_alfworld_env.py). What we learned:
-
-- Games. `alfworld==0.4.2` plays ALFWorld's `game.tw-pddl` files with TextWorld's PDDL backend (fast-downward).
-  Each game file embeds its PDDL domain and its text grammar, so the `logic/` files beside the data are not
-  read. A split's games are those ALFWorld's `AlfredTWEnv` collects: folders with `traj_data.json` and a game
-  file marked `solvable`, of the six task types, and not `movable`/`Sliced` -> valid_seen 140, valid_unseen 134,
-  valid_train 200. `valid_train` is exactly AgentGym's ALFWorld test set (its items 2420-2619, in another order),
-  hence our default held-out split; `valid_unseen` (unseen rooms) is the usual second one. Episodes are the
-  split's game files sorted by path (`list_episodes`); `reset(i)` plays the i-th.
-- First observation, as AgentGym's client shows it: the game's intro minus its `-= Welcome to TextWorld,
-  ALFRED! =-` banner (the server keeps what follows the first blank line and joins the paragraphs with one
-  newline), then `\\nAVAILABLE ACTIONS: ` and the admissible commands joined by "," (no space):
-  `You are in the middle of a room. Looking quickly around you, you see a bed 1, ... and a shelf 1.\\n`
-  `Your task is to: examine the alarmclock with the desklamp.\\nAVAILABLE ACTIONS: go to bed 1,go to desk 1,...`
-- Later observations are the game's feedback without the `You arrive at loc N. ` prefix that AgentGym (like
-  ReAct and ETO) strips, and without an action list: `On the desk 1, you see a mug 1.`, `The drawer 1 is
-  closed.`, `You pick up the pen 1 from the desk 1.`, `Nothing happens.` (anything that is not exactly an
-  admissible command, after stripping blanks; matching is case-sensitive).
-- Actions: AgentGym's client sends the text after the first `Action:` (up to a second one, if any), stripped;
-  see `action_from_reply`.
-- Reward 1 and success when the goal holds (`won`); the episode ends then or after `max_steps` actions
-  (AgentGym evaluated ALFWorld with `max_round=30`; its TextWorld env would also stop at 50 steps). ALFWorld
-  never reports a lost game.
-- Grammar versions. The game files ALFWorld 0.2/0.3 shipped (and ETO/AgentGym used; the copies in our shared
-  data) word putting as `put X in/on Y` and arriving as `You arrive at loc N. ...`. ALFWorld 0.4 changed its
-  grammar (its bundled `alfred.twl2`) to `move X to Y` / `You arrive at desk 1. ...`, and `alfworld-download`
-  of 0.4.x fetches game files built with 0.4 (`json_2.1.2_tw-pddl.zip`; not downloadable here, so unchecked):
-  those would show the model wording it was not trained on, so we warn when a game file has no
-  `put {o} in/on {r}` template.
-- The handcoded expert (`expert=True`). ALFWorld's `AlfredExpert` wrapper computes `extra.expert_plan` with
-  `HandCodedTWAgent`, whose 0.4.2 code speaks the new grammar (`move X to Y`) while tracking its state with
-  the old one (`"put" in last_action`). On the old-grammar files its puts are never admissible, the wrapper
-  replaces them by `look`, and the agent answers `look` with a random admissible command: it puts only by
-  chance (95/134 and 109/134 valid_unseen games within 150 steps in two unseeded runs, mean 76 steps). Our
-  wrapper translates between the grammars (the expert sees `move X to Y` for every admissible `put X in/on Y`
-  and its `move` is sent as `put`), seeds its random choices per episode (so a run is reproducible), and
-  reports an empty plan when the expert gives up (the stock wrapper would raise out of `step`). Bridged, it
-  solves 134/134 valid_unseen games (mean 18 steps, at most 62; ~2.6 s a game on 2 CPU cores).
-
-Cost: importing TextWorld takes ~2 s; loading or resetting a game ~0.5-1 s (fast-downward translates the
-PDDL problem each time); a step ~0.05 s (~0.1 s with the expert, which needs every fact). One TextWorld env
-(and one copy of fast-downward's library) serves all episodes of an `AlfworldEnv`; a reset of the game
-already loaded skips the load, and split listings are cached per process. (AgentGym's server builds a new
-gym env per reset, which keeps every game's fast-downward copy: ~690 MB after the 134 valid_unseen games,
-against ~180 MB here.)
-"""
+What replaying the real data pins down (wording, scoring, versions, costs): docs/envs.md#alfworld."""
 
 from __future__ import annotations
 

@@ -1,39 +1,6 @@
 """BabyAI (minigrid) with AgentGym's high-level text interface, written from the AgentTraj-L trajectories.
 
-The game is minigrid's `BabyAI-<level>-v0` (minigrid < 2.5, gymnasium < 1.0: later versions lay levels out
-differently). On top of it we reproduce what the data show of AgentGym's text layer:
-
-- Episodes. Item `babyai_<i>` is level `LEVELS[i % 40]` reset with `seed=i // 40`.
-- First observation `Your goal: <mission>\\n<description>`; later observations are the description, an error
-  text, or the list of available actions.
-- Description: the visible objects (agent's 7x7 view, occlusion as minigrid computes it), nearest first,
-  numbered per name ("grey key 1"; doors are "<color> <open|closed|locked> door"), each "N steps in front of
-  you and M steps to your left/right" or "right in front of you N steps away"; then "The room has walls
-  around you."; then the first wall/object straight ahead ("You are facing a wall N steps away.", not said
-  for doors); then what is carried. With nothing to list: "You cannot see any objects within sight.".
-- Actions are matched exactly (no clean-up) against the currently available ones ("check available
-  actions" lists them); anything else is "The action is not recognized. Please check valid actions." and
-  costs a step. Note the prompt says "pick up <obj> <id>" but the action is "pickup <obj> <id>".
-  Exceptions the data show: "move forward" is always understood (facing a wall or a box it answers "There
-  is a barrier in front of you, you can't move forward."; facing a ball/key/door it is a silent no-op), and a
-  door action on a visible door is understood even when not listed (it answers why it cannot be done:
-  no key, wrong key colour, no path). Matching ignores case ("Toggle and go through ..." was accepted).
-- Macro actions (`go to`, `pickup`, `go through`, `toggle and go through`) are played as primitive minigrid
-  actions along a shortest path (BFS over position x direction, left turn before right turn before forward)
-  ending in front of the target, over all passable cells of the grid (planning over visible or seen cells
-  only replays the data worse: 98.4% / 99.0% vs 99.8% success). `go through` steps onto the door cell;
-  `toggle and go through` toggles first. "go to" the object already in front answers "No change in state.".
-- All primitive steps of a macro are played and only the last one's reward/termination counts: walking past
-  the goal object mid-way does not end the episode (the data continue after such passes).
-- Success: the last primitive step ends minigrid's episode with reward > 0.5. The episode also ends after
-  `max_steps` high-level actions or when minigrid ends it otherwise (its own primitive-step budget).
-
-Replaying the 810 AgentTraj-L trajectories (tests/test_babyai_env.py): 808 reach the goal, all first
-observations and 99.1% of step observations are equal to the data's. Known differences: the listing of
-"check available actions" leaves out targets without a path in AgentGym (ours lists every visible one);
-some "no path" verdicts differ (AgentGym's planner sees less or more of the grid than ours in ~10 cases);
-and AgentGym's "no path" message for `toggle and go through` prints a Python dict in place of the number.
-"""
+What replaying the real data pins down (wording, scoring, versions, costs): docs/envs.md#babyai."""
 
 from __future__ import annotations
 

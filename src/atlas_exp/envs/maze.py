@@ -1,33 +1,6 @@
 """LMRL-Gym's Maze (the fully observed `double_t_maze`) with AgentGym's wording, written from the AgentTraj-L data.
 
-AgentGym serves Maze from its `agentenv-lmrlgym` server over LMRL-Gym's maze code; AgentTraj-L holds 215
-trajectories of it (`maze.jsonl`, item ids `lmrlgym_maze_<n>`). What the data and the published code pin down
-(`../shared/facts/lmrlgym_envs.md`; tests/test_maze_env.py replays every trajectory):
-
-- Layout. A 10 x 13 grid (LMRL-Gym's `double_t_maze`, the same as mazelab's generator of that name) with 26
-  free cells; positions are (row, column), which the prompt calls (x, y): "move down" adds 1 to x, "move
-  right" adds 1 to y. The goal is always (8, 6), the foot of the vertical corridor.
-- Episodes. Item `n` starts at entry `n` of AgentGym's 26-entry start list `STARTS` (every free cell; the last
-  one is the goal itself). The published server fails on item 25 (LMRL-Gym never starts on the goal), yet the
-  data hold 39 episodes of it starting on the goal, so here it simply starts there.
-- Observations. `The goal is at position 8, 6. Your current position is at position 5, 4. There are walls above
-  you, below you.` followed by a newline (every observation of the data ends in one; today's AgentGym server
-  leaves it out). Walls are listed in the order right, left, above, below: "There is a wall above you.",
-  "There are walls to your right, to your left.", "There are no walls near you.". The data never reach a
-  column >= 10, so whether two-digit numbers read "1, 10" (AgentGym's wording, ours) or "1, 1 0" (LMRL-Gym's
-  spaced digits) is not decided by them.
-- First observation: AgentGym's client's fixed preamble (`PREAMBLE`: rules and a worked example), a newline,
-  then the start observation.
-- Actions: exactly `move up`, `move down`, `move left` or `move right` (case-sensitive, as LMRL-Gym matches
-  `action + "\\n"` against its action table). A move into a wall leaves the position unchanged; anything else
-  is an invalid action, which also leaves it unchanged, answers the normal observation and costs a step.
-- End. Reaching the goal answers `Success\\n` with reward 1 (success). The server allows `max_steps` (50)
-  non-goal steps; the call after that answers `Failure\\n` with reward -1, without moving. A reply is turned
-  into an action as AgentGym's LMRL-Gym client did when the data were recorded (`action_from_reply`).
-
-Replaying the 215 AgentTraj-L trajectories (tests/test_maze_env.py): every first observation and all 700 step
-observations are identical to the data's, and every trajectory reaches the goal exactly at its last action.
-"""
+What replaying the real data pins down (wording, scoring, versions, costs): docs/envs.md#maze-lmrl-gym."""
 
 from __future__ import annotations
 

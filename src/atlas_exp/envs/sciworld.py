@@ -1,52 +1,6 @@
 """ScienceWorld with AgentGym's text interface, written from the AgentTraj-L sciworld trajectories.
 
-The game is AI2's ScienceWorld, a Scala simulator driven over py4j. What replaying all 2,120 AgentTraj-L
-records pins down (tests/test_sciworld_env.py replays a sample):
-
-- Version. The data match PyPI `scienceworld==1.0.2` (its jar; task names like `task-1-boil`); 1.2.x words
-  and lays out some rooms differently (about 90% replay there).
-- Simplifications: ScienceWorld's "easy" preset, which for the electrical tasks (power-component,
-  conductivity) is `openDoors,selfWateringFlowerPots,teleportAction` and for the others adds
-  `noElectricalAction`. Every door is open from the start ("The door is already open." is the commonest
-  observation) and flower pots hold water by themselves (28 green-house descriptions of the data differ
-  without it). The data cannot tell "easy" from `openDoors,selfWateringFlowerPots`: all 2,120 replays give
-  the same text with both, as no trajectory teleports or connects wires outside an electrical task. We
-  take the standard preset; pass `simplifications=` to change it.
-- Episodes. Item `sciworld_<i>` is entry i of AgentGym's list of (task, variation) pairs: 22 tasks in
-  AgentGym's order (`TASKS`, its keys "1-1".."8-2"), each with all its variations 0..n-1, leaving out grow
-  plant/fruit (5-*), inclined planes (9-*), Mendelian genetics (10-*) and measure-melting-point of an
-  unknown substance (2-3): 4,339 items. All 2,120 data items are *train* variations of ScienceWorld's own
-  train/dev/test split (`item_space()` tags each item with its split), so dev/test items are held out.
-- First observation: the task description, a newline, then what the first "look around" returns (AgentGym's
-  reset does `load(task, variation)` then `step("look around")`; its client joins the two with "\\n").
-- Later observations: exactly what ScienceWorld's `step(action)` returns, no prefix or suffix (an unknown
-  action: "No known action matches that input."; an ambiguous one: a numbered list, answered with a
-  number, as the data do with "0").
-- Actions: AgentGym's client sends the text after the first "Action:" (up to a second one, if any),
-  stripped; see `action_from_reply`.
-- Scoring: ScienceWorld's score (0..100; -100 once the task is failed, e.g. by focusing on a wrong object).
-  The episode ends when ScienceWorld says the task is completed, when the score drops below 0, after
-  `env_step_limit` ScienceWorld moves (AgentGym's server kept the package default, 100), or after
-  `max_steps` actions here. Success is a score of 100. The data often go on after completion (a last
-  "wait1"): AgentGym's client would have stopped there, so a replay stops at `done`.
-- Object order. "look around" and other listings follow hash-set order in the Scala code, i.e. identity
-  hash codes, which the JVM draws at random: the same episode lists objects in a different order from one
-  JVM to the next (only 55 of the 2,120 first observations of the data come out equal as written; all 2,120
-  are equal up to order), and the order of an ambiguity list decides what "0" picks. With
-  `deterministic=True` (the default) we start HotSpot with `-XX:hashCode=2` (every identity hash the same),
-  so an episode's text depends only on (task, variation, actions): evaluations repeat exactly, whatever ran
-  before in the JVM. The order is then fixed, not AgentGym's (theirs cannot be recovered).
-
-Replaying all 2,120 trajectories (deterministic): 2,117 reach score 100; first observations are 100% equal
-up to object order (2.6% as written); step observations 90.6% equal as written and 99.5% up to object order.
-The rest: thermometer readings a few degrees off (heat flows between objects in hash order), which fails
-two trajectories (a reading on the wrong side of the task's threshold; a substance not yet changed when
-the recorded actions expect it), and one whose recorded run hinged on an ambiguity list's order.
-
-Speed: one JVM serves every episode of an env (starting it takes 1-2 s; an episode replays in about 0.3 s); `close()` stops it. We start the jar ourselves rather than through the package's
-`ScienceWorldEnv`, whose launcher sleeps a fixed 5 s, binds a fixed port (25335 + thread number, so two
-processes on one machine collide), leaves the JVM running, and asks for the valid-action list every step.
-"""
+What replaying the real data pins down (wording, scoring, versions, costs): docs/envs.md#scienceworld."""
 
 from __future__ import annotations
 

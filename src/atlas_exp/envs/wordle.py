@@ -1,34 +1,6 @@
 """LMRL-Gym's Wordle with AgentGym's wording, written from the AgentTraj-L wordle trajectories.
 
-AgentGym serves Wordle from its `agentenv-lmrlgym` server over LMRL-Gym's game; AgentTraj-L holds 955
-trajectories of it (`wordle.jsonl`, item ids `lmrlgym_wordle_<n>`). What the data and the published code pin
-down (`../shared/facts/lmrlgym_envs.md`; tests/test_wordle_env.py replays every trajectory):
-
-- Vocabulary. The 431 words the data's prompt lists (`data/wordle_vocab.txt`, shipped with this package; its
-  header gives origin and licence). AgentGym's published server loads another, 40-word list, with which most
-  of the data's guesses would be invalid.
-- First observation: AgentGym's client's rules text with the vocabulary, one word per line, in a code block,
-  and the data's trailing newline (`first_observation`).
-- Guesses. The action is the word with its letters space-separated ("s h i r e"); blanks are removed. A guess
-  that is not 5 letters a-z (lowercase) or not in the vocabulary answers `invalid word` and still uses one of
-  the 6 attempts.
-- Feedback: per letter `g` (right letter, right place), `y` (in the word elsewhere) or `b` (not in the word),
-  space-separated, with a trailing newline: `b y y b y\\n`. Letters are not counted: a repeated letter is `y`
-  at every wrong place as long as the word has it once (standard Wordle would mark the extra ones `b`); this
-  rule, not the standard one, gives all 3,100 feedback strings of the data (standard: 2,731).
-- End and reward: reward 1 and success when the word is guessed, else 0; the episode ends then or after 6
-  guesses, invalid ones included.
-
-Hidden words. LMRL-Gym has no fixed hidden word: each valid guess draws one of the words still consistent
-with the feedback so far, from `random.Random(n)` for item n, and nothing found reproduces the data's words
-from their item ids (the published server also draws from its 40 words). So here an episode has one hidden
-word for its whole length (`WordleEpisode.target`), and
-- replaying a data trajectory takes its final guess as the word (every data trajectory is a win ending on
-  it, and all 3,100 feedback strings then match), and
-- `reset(n)` / `WordleEpisode.from_item(n)` plays our own rule: the word `random.Random(n).choice(vocabulary())`
-  (which is the word LMRL-Gym, given this vocabulary, would draw for the first guess of seed n), fixed for
-  the episode. These are not AgentGym's episodes of item n, only a documented, reproducible set.
-"""
+What replaying the real data pins down (wording, scoring, versions, costs): docs/envs.md#wordle-lmrl-gym."""
 
 from __future__ import annotations
 
