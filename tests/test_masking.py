@@ -22,13 +22,9 @@ import pytest
 from atlas_exp.data.trajectory import Message, Trajectory, number_steps
 from atlas_exp.errors import DataError, TemplateError
 from atlas_exp.selectors.base import Selection, StepChoice
-from atlas_exp.train.masking import (
-    IGNORE_INDEX,
-    build_example,
-    build_examples,
-    get_template_info,
-    tokenize_trajectory,
-)
+from atlas_exp.train.chat_template import get_template_info
+from atlas_exp.train.masking import IGNORE_INDEX, build_example, build_examples
+from atlas_exp.train.turn_spans import tokenize_trajectory
 
 ROLE = {"human": "user", "gpt": "assistant"}
 

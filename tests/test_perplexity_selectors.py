@@ -24,7 +24,7 @@ from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError
 from atlas_exp.selectors.base import n_to_select, top_k
 from atlas_exp.selectors.perplexity import PerplexitySelector, SpanScorer, ScoredSeq, select_global
-from atlas_exp.train.masking import tokenize_trajectory
+from atlas_exp.train.turn_spans import tokenize_trajectory
 from conftest import REPO, TEST_CACHE
 from helpers import read_agentgym
 

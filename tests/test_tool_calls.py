@@ -12,7 +12,9 @@ import pytest
 
 from atlas_exp.data.importers import convert_record
 from atlas_exp.selectors.base import Selection, StepChoice
-from atlas_exp.train.masking import IGNORE_INDEX, build_example, get_template_info, tokenize_trajectory
+from atlas_exp.train.chat_template import get_template_info
+from atlas_exp.train.masking import IGNORE_INDEX, build_example
+from atlas_exp.train.turn_spans import tokenize_trajectory
 
 # ChatML with tools in the system turn, calls as <call>name(args)</call>, and consecutive tool results
 # grouped into one user turn (as several public templates do with parallel calls)

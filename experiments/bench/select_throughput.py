@@ -12,7 +12,7 @@ SmolLM2-135M-Instruct on the CPU in fp32. Target: ours >= 5x the reference.
 * reference: the obvious per-step algorithm, written here independently of the selector: for each step k,
   one forward pass over the trajectory's tokens up to the end of step k (history + step) and one over the
   step rendered alone; mean cross-entropy over the step's supervised span in each (same span definition:
-  `atlas_exp.train.masking.tokenize_trajectory`). Each forward is batch 1 and asks the model only for the
+  `atlas_exp.train.turn_spans.tokenize_trajectory`). Each forward is batch 1 and asks the model only for the
   logits it needs (`logits_to_keep`), so the reference does not pay for a full-vocabulary projection
   over the history either: the difference measured is the one-pass + batching design.
 
@@ -51,7 +51,7 @@ def reference(model, tok, trajs) -> tuple[list[dict], dict]:
     import torch
 
     from atlas_exp.data.trajectory import Message, Trajectory
-    from atlas_exp.train.masking import tokenize_trajectory
+    from atlas_exp.train.turn_spans import tokenize_trajectory
 
     out = []
     t_cond = t_alone = 0.0

@@ -9,7 +9,7 @@ Tool calling (OpenAI's layout): an assistant turn may carry `tool_calls`, each
 `{"id"?, "type": "function", "function": {"name", "arguments": {...}}}` (arguments decoded from JSON);
 `tool` turns are observations (the calls' results, `tool_call_id`/`name` optional); a trajectory may carry
 the `tools` it was given (`[{"type": "function", "function": {"name", "description"?, "parameters"?}}]`).
-The chat template renders them with its own tool syntax (`train/masking.py`). In memory, the `content` of
+The chat template renders them with its own tool syntax (`train/chat_template.py`). In memory, the `content` of
 a turn with tool calls is its own text (`raw_content`, may be empty) followed by the calls in a text form
 (`tool_calls_text`), so that everything that only reads `content` (selectors, reports) sees the action.
 

@@ -84,7 +84,7 @@ def score_trajectory(model: Any, tokenizer: Any, traj: Trajectory, *, max_contex
     import torch
     import torch.nn.functional as F
 
-    from atlas_exp.train.masking import tokenize_trajectory
+    from atlas_exp.train.turn_spans import tokenize_trajectory
 
     tt = tokenize_trajectory(tokenizer, traj)
     ids = tt.input_ids[:max_context]

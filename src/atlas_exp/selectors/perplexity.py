@@ -483,7 +483,7 @@ class PerplexitySelector(Selector):
         hit = self._alone_tok.get(content)
         if hit is not None:
             return hit
-        from atlas_exp.train.masking import tokenize_trajectory
+        from atlas_exp.train.turn_spans import tokenize_trajectory
 
         msgs = [Message("assistant", content, step=0)]
         if self.alone_prompt is not None:
@@ -517,7 +517,7 @@ class PerplexitySelector(Selector):
 
     def _plan(self, ti: int, traj: Trajectory) -> tuple[_Plan, list[ScoredSeq]]:
         """The conditioned sequences of one trajectory (the whole prefix, plus windows past max_length)."""
-        from atlas_exp.train.masking import tokenize_trajectory
+        from atlas_exp.train.turn_spans import tokenize_trajectory
 
         tt = tokenize_trajectory(self.tokenizer, traj)
         ids = tt.input_ids
