@@ -23,7 +23,8 @@ import torch
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError
 from atlas_exp.selectors.base import n_to_select, top_k
-from atlas_exp.selectors.perplexity import PerplexitySelector, SpanScorer, ScoredSeq, select_global
+from atlas_exp.selectors.perplexity import PerplexitySelector, select_global
+from atlas_exp.selectors.span_scorer import ScoredSeq, SpanScorer
 from atlas_exp.train.turn_spans import tokenize_trajectory
 from conftest import REPO, TEST_CACHE
 from helpers import read_agentgym
@@ -180,6 +181,21 @@ def test_batching_and_global_scope(delta, delta_out, trajs, smollm2_spec):
     rest = sorted(x for x in extra if (x[1], x[2]) not in firsts)[: K - len(trajs)]
     want = firsts | {(ti, k) for _, ti, k in rest}
     assert {(ti, k) for ti, s in enumerate(out) for k in s.selected_steps} == want
+
+
+def test_selectors_scoring_with_one_model_share_one_loaded_copy(smollm2_spec, smollm2_dir):
+    from atlas_exp.selectors.model_pool import SCORING_MODELS
+
+    before = SCORING_MODELS.loaded()  # the module's `delta` fixture may hold this model already
+    a = PerplexitySelector(metric="loss", model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False)
+    b = PerplexitySelector(metric="ratio", model=smollm2_spec, cache_dir=str(TEST_CACHE), progress=False)
+    a.load()
+    b.load()
+    key = a._key
+    assert a.model is b.model and SCORING_MODELS.loaded()[key] == before.get(key, 0) + 2
+    a.close()
+    b.close()
+    assert SCORING_MODELS.loaded().get(key, 0) == before.get(key, 0)  # the last user frees it
 
 
 def test_global_rule_when_there_are_more_trajectories_than_slots():

@@ -45,9 +45,10 @@ def check_ratio(ratio: float) -> float:
     return r
 
 
-def top_k(scores: Sequence[float], k: int) -> set[int]:
-    """Indices of the k highest scores; ties broken by earlier step first (stable, deterministic)."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def top_k(scores: Sequence[float], k: int, ties: Sequence[float] | None = None) -> set[int]:
+    """Indices of the k highest scores; ties broken by the lower `ties` rank (a selector's seeded draw), then by
+    earlier step first (stable, deterministic)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], 0.0 if ties is None else ties[i], i))
     return set(order[:k])
 
 

@@ -14,7 +14,7 @@ Higher = more critical; the top `ratio` of the steps is selected. Both share thi
 
 Definitions (every loss is the mean per-token cross-entropy, in float32, of a causal LM):
 
-* **Tokens of a step**: its *supervised span* exactly as `train/masking.py` defines it (the rendered
+* **Tokens of a step**: its *supervised span* exactly as `train/turn_spans.py` defines it (the rendered
   content plus the end-of-turn token, no role header), so a step is scored on precisely the tokens that
   training would supervise.
 * **Conditioned loss** `loss_cond`: the trajectory rendered once with the model's chat template (the same
@@ -54,7 +54,7 @@ gets a real score, computed with as much history as fits, deterministically:
 * any later step is scored in a *window*: the trajectory's prompt (every token before the first step's
   message: template preamble, instructions, task) followed by the most recent WHOLE messages that fit,
   up to and including the step, i.e. the conversation with its middle turns dropped. Because spans are
-  exact at message boundaries and the template renders turns independently (checked by masking.py), this is
+  exact at message boundaries and the template renders turns independently (checked by turn_spans.py), this is
   token for token what the chat template gives for that shortened conversation (tested). One window
   serves every later step that fits in it. If the prompt and the step's own message do not fit together,
   the prompt is dropped too; if the step's message alone does not fit, the window is the `max_length`
@@ -67,12 +67,11 @@ Sliding windows keep the selection independent of the training stage's own trunc
 by what the model can actually condition on; giving them NaN/lowest instead would make "critical" depend on
 position, which is not what the metric means.
 
-Compute: conditioned sequences (one per trajectory, plus windows) and alone sequences are batched together
-across trajectories, sorted by length, right-padded with an attention mask (a causal LM's real tokens never
-attend to right padding, so scores do not depend on the batch; tested), at most `batch_size` sequences and
-`max_batch_tokens` padded tokens per forward pass. Only the logits of span positions are computed
-(`logits_to_keep`), which bounds memory at about `max_batch_tokens * ratio_of_span_tokens * vocab` floats.
-`device: auto` picks CUDA when present; `dtype: auto` is bf16 on a GPU that has it, else fp32; all under
+Compute: conditioned sequences (one per trajectory, plus windows) and alone sequences go together, across
+trajectories, through the span scorer (`selectors/span_scorer.py`: sorted by length, right-padded, at most
+`batch_size` sequences and `max_batch_tokens` padded tokens per forward pass, only span logits; scores do
+not depend on the batch, tested). The model is loaded once per process and shared with other selectors
+that score with it (`selectors/model_pool.py`). `device: auto` picks CUDA when present; `dtype: auto` is bf16 on a GPU that has it, else fp32; all under
 `torch.inference_mode()`. Trajectories are scored in chunks of `chunk_size` so that per-trajectory
 selections stream out and memory stays bounded; the global scope needs every score before selecting.
 
@@ -84,8 +83,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,8 +92,10 @@ from typing import Any
 from atlas_exp.artifacts import fingerprint
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.device import get_device, get_dtype
-from atlas_exp.errors import AtlasError, ConfigError, TemplateError
+from atlas_exp.errors import ConfigError, TemplateError
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
+from atlas_exp.selectors.model_pool import SCORING_MODELS, adapter_identity, is_adapter_dir, model_spec
+from atlas_exp.selectors.span_scorer import ScoredSeq, SpanScorer
 
 log = logging.getLogger(__name__)
 
@@ -106,247 +107,6 @@ ALONE_EPS = 1e-6
 UNSCORED = -1.0
 #: alone-loss cache entries kept across chunks before the cache is cleared (bounded memory)
 _ALONE_CACHE_MAX = 200_000
-
-
-# --------------------------------------------------------------------------------------------------
-# batched span losses
-
-
-@dataclass
-class ScoredSeq:
-    """One sequence to run through the model and the token spans whose mean CE we want from it.
-
-    `spans` are half-open token spans of `ids`, disjoint, each with start >= 1 (the first token has no
-    prediction); `keys` name each span's result.
-    """
-
-    ids: list[int]
-    spans: list[tuple[int, int]]
-    keys: list[Hashable]
-
-
-def _batches(seqs: Sequence[ScoredSeq], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Indices of `seqs` grouped into batches, longest first: at most `batch_size` sequences and
-    `max_batch_tokens` padded tokens each (a longer sequence runs alone). Sorting by length keeps padding
-    small; longest first makes an out-of-memory show at the start, not after an hour."""
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i].ids), i))
-    out: list[list[int]] = []
-    cur: list[int] = []
-    width = 0
-    for i in order:
-        n = len(seqs[i].ids)
-        w = max(width, n)
-        if cur and (len(cur) >= batch_size or w * (len(cur) + 1) > max_batch_tokens):
-            out.append(cur)
-            cur, w = [], n
-        cur.append(i)
-        width = w
-    if cur:
-        out.append(cur)
-    return out
-
-
-class SpanScorer:
-    """Mean per-token cross-entropy of a causal LM over token spans, batched.
-
-    Kept separate from the selector so that tests (and other selectors) can score arbitrary sequences
-    with exactly the code the selector uses.
-    """
-
-    def __init__(self, model: Any, *, pad_id: int = 0, batch_size: int = 8, max_batch_tokens: int = 8192):
-        import torch
-
-        if int(batch_size) < 1:
-            raise ConfigError(f"selector.batch_size must be >= 1, got {batch_size!r}")
-        if int(max_batch_tokens) < 1:
-            raise ConfigError(f"selector.max_batch_tokens must be >= 1, got {max_batch_tokens!r}")
-        self.model = model
-        self.pad_id = int(pad_id)
-        self.batch_size = int(batch_size)
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.device = next(model.parameters()).device
-        self._torch = torch
-        # how `logits_to_keep` works for this model: "mask" (2-D boolean, per row), "union" (1-D positions
-        # shared by the batch), "full" (not supported: all logits). Found on the first batch.
-        self._keep_mode: str | None = None
-
-    def score(self, seqs: Sequence[ScoredSeq], *, progress: bool = False, desc: str = "scoring") -> dict[Hashable, float]:
-        """Return {key: mean CE over its span} for every span of every sequence."""
-        from tqdm.auto import tqdm
-
-        for s in seqs:
-            for a, b in s.spans:
-                if not (1 <= a < b <= len(s.ids)):
-                    raise ValueError(f"bad span {(a, b)} for a sequence of {len(s.ids)} tokens")
-        out: dict[Hashable, float] = {}
-        batches = _batches(seqs, self.batch_size, self.max_batch_tokens)
-        bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress, leave=False)
-        try:
-            with self._torch.inference_mode():
-                for idx in batches:
-                    batch = [seqs[i] for i in idx]
-                    for s, losses in zip(batch, self._forward(batch)):
-                        out.update(zip(s.keys, losses))
-                    bar.update(len(idx))
-        finally:
-            bar.close()
-        return out
-
-    def _logits(self, ids, mask, rows: list[list[int]]):
-        """Logits at the given positions of each row, flattened row-major: shape [sum(len(rows[r])), V]."""
-        torch = self._torch
-        B, L = ids.shape
-        n_true = sum(len(r) for r in rows)
-        modes = [self._keep_mode] if self._keep_mode else ["mask", "union", "full"]
-        for mode in modes:
-            if mode == "mask":
-                keep = torch.zeros((B, L), dtype=torch.bool)
-                for r, pos in enumerate(rows):
-                    keep[r, pos] = True
-                keep = keep.to(self.device)
-            elif mode == "union":
-                union = sorted({p for pos in rows for p in pos})
-                keep = torch.tensor(union, dtype=torch.long, device=self.device)
-            else:
-                keep = None
-            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-            if keep is not None:
-                kwargs["logits_to_keep"] = keep
-            try:
-                logits = self.model(**kwargs).logits
-            except (TypeError, ValueError, IndexError, RuntimeError):
-                if self._keep_mode or mode == "full":
-                    raise
-                continue
-            if mode == "mask":
-                if logits.dim() != 2 or logits.shape[0] != n_true:
-                    continue  # this transformers version does not know per-row masks
-                flat = logits
-            else:
-                if logits.dim() != 3 or logits.shape[0] != B:
-                    continue
-                if mode == "union":
-                    if logits.shape[1] != len(union):
-                        if logits.shape[1] != L:
-                            continue
-                        logits = logits[:, keep]  # the model ignored logits_to_keep
-                    col = {p: j for j, p in enumerate(union)}
-                    flat = torch.cat([logits[r, [col[p] for p in pos]] for r, pos in enumerate(rows)])
-                else:
-                    flat = torch.cat([logits[r, pos] for r, pos in enumerate(rows)])
-            if self._keep_mode is None:
-                self._keep_mode = mode
-                log.debug("span scorer: logits_to_keep mode %s", mode)
-            return flat
-        raise AtlasError("span scorer: the model returned logits of an unexpected shape")
-
-    def _forward(self, batch: list[ScoredSeq]) -> list[list[float]]:
-        torch = self._torch
-        B = len(batch)
-        L = max(len(s.ids) for s in batch)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        rows: list[list[int]] = []
-        targets: list[int] = []
-        seg: list[int] = []
-        n_seg = 0
-        for r, s in enumerate(batch):
-            ids[r, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
-            mask[r, : len(s.ids)] = 1
-            pos: list[int] = []
-            for a, b in sorted(s.spans):
-                # the logit at position p predicts token p+1
-                pos.extend(range(a - 1, b - 1))
-                targets.extend(s.ids[a:b])
-                seg.extend([n_seg] * (b - a))
-                n_seg += 1
-            rows.append(pos)
-        # spans were sorted per row above; map results back to each sequence's own span order
-        logits = self._logits(ids.to(self.device), mask.to(self.device), rows)
-        tgt = torch.tensor(targets, dtype=torch.long, device=logits.device)
-        ce = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
-        step = 4096  # fp32 log-softmax in slices: bounded extra memory on a large vocabulary
-        for i in range(0, len(targets), step):
-            ce[i : i + step] = torch.nn.functional.cross_entropy(
-                logits[i : i + step].float(), tgt[i : i + step], reduction="none"
-            )
-        seg_t = torch.tensor(seg, dtype=torch.long, device=ce.device)
-        sums = torch.zeros(n_seg, dtype=torch.float64, device=ce.device).index_add_(0, seg_t, ce.double())
-        counts = torch.zeros(n_seg, dtype=torch.float64, device=ce.device).index_add_(
-            0, seg_t, torch.ones_like(ce, dtype=torch.float64)
-        )
-        means = (sums / counts).tolist()
-        out: list[list[float]] = []
-        j = 0
-        for s in batch:
-            order = sorted(range(len(s.spans)), key=lambda i: s.spans[i])
-            vals = [0.0] * len(s.spans)
-            for i in order:
-                vals[i] = means[j]
-                j += 1
-            out.append(vals)
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
-# model sharing: a hybrid of perplexity and perplexity_delta loads the model once
-
-_POOL: dict[tuple, list[Any]] = {}
-
-
-def _model_spec(model: Any):
-    from atlas_exp.models import ModelSpec
-
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, str):
-        return ModelSpec(name=os.path.basename(model.rstrip("/")) or model, name_or_path=model)
-    if model is None:
-        raise ConfigError("selector.model is required (default: ${model}, the model being trained)")
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(model, DictConfig):
-            model = OmegaConf.to_container(model, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(model, Mapping):
-        raise ConfigError(f"selector.model must be a model config (conf/model/*.yaml) or a path, got {type(model).__name__}")
-    d = dict(model)
-    d.setdefault("name", os.path.basename(str(d.get("name_or_path", "")).rstrip("/")) or "model")
-    return ModelSpec.from_cfg(d)
-
-
-def _acquire(spec: Any, cache_dir: str, device: str, dtype: Any) -> tuple[tuple, Any, Any]:
-    from atlas_exp.models import load_model, load_tokenizer, materialize
-
-    path = materialize(spec, cache_dir)
-    key = (path, spec.revision, spec.chat_template, spec.attn_implementation, device, str(dtype))
-    hit = _POOL.get(key)
-    if hit is None:
-        log.info("scoring model %s on %s (%s)", spec.name, device, dtype)
-        tok = load_tokenizer(spec, cache_dir)
-        model = load_model(spec, cache_dir, dtype=dtype).to(device)
-        model.eval()
-        hit = _POOL[key] = [model, tok, 0]
-    hit[2] += 1
-    return key, hit[0], hit[1]
-
-
-def _release(key: tuple) -> None:
-    hit = _POOL.get(key)
-    if hit is None:
-        return
-    hit[2] -= 1
-    if hit[2] <= 0:
-        del _POOL[key]
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:  # pragma: no cover
-            pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,17 +124,20 @@ class _Plan:
     dropped: dict[int, int]
 
 
-def select_global(scores: Sequence[Sequence[float]], ratio: float) -> list[set[int]]:
+def select_global(scores: Sequence[Sequence[float]], ratio: float, ties: Sequence[Sequence[float]] | None = None) -> list[set[int]]:
     """The global-scope rule (module docstring): each trajectory's best step, then the best remaining
-    steps of the whole dataset until K = n_to_select(total, ratio) are chosen (total = max(K, T))."""
-    chosen = [top_k(s, 1) if len(s) else set() for s in scores]
+    steps of the whole dataset until K = n_to_select(total, ratio) are chosen (total = max(K, T)).
+    `ties`: per step, a rank that orders equal scores first (excess_loss: a seeded draw); without it
+    ties go to the earlier trajectory, then the earlier step."""
+    rank = ties if ties is not None else [[0.0] * len(s) for s in scores]
+    chosen = [top_k(s, 1, rank[t]) if len(s) else set() for t, s in enumerate(scores)]
     total = sum(len(s) for s in scores)
     extra = n_to_select(total, ratio) - sum(len(c) for c in chosen)
     if extra > 0:
         rest = sorted(
-            (-v, t, k) for t, s in enumerate(scores) for k, v in enumerate(s) if k not in chosen[t]
+            (-v, rank[t][k], t, k) for t, s in enumerate(scores) for k, v in enumerate(s) if k not in chosen[t]
         )
-        for _, t, k in rest[:extra]:
+        for _, _, t, k in rest[:extra]:
             chosen[t].add(k)
     return chosen
 
@@ -405,6 +168,7 @@ class PerplexitySelector(Selector):
         chunk_size: int = 256,
         progress: bool = True,
         score_cache: bool = True,
+        adapter: str | None = None,
     ):
         super().__init__(ratio=ratio, seed=seed)
         if metric not in METRICS:
@@ -418,10 +182,12 @@ class PerplexitySelector(Selector):
         chunk_size = _positive_int("chunk_size", chunk_size)
         if alone_prompt is not None and not str(alone_prompt).strip():
             raise ConfigError("selector.alone_prompt must be a non-empty string or null")
+        if adapter is not None and not is_adapter_dir(adapter):
+            raise ConfigError(f"selector.adapter={adapter}: not a LoRA adapter folder (no adapter_config.json in it)")
         self.metric = metric
         self.scope = scope
         self.name = "perplexity_delta" if metric == "ratio" else "perplexity"
-        self.spec = _model_spec(model)
+        self.spec = model_spec(model)
         self.cache_dir = str(cache_dir)
         self.device = get_device(device)
         self.dtype = get_dtype(dtype, self.device, option="selector.dtype")
@@ -431,6 +197,11 @@ class PerplexitySelector(Selector):
         self.alone_prompt = None if alone_prompt is None else str(alone_prompt)
         self.chunk_size = int(chunk_size)
         self.progress = bool(progress)
+        #: a LoRA adapter folder merged into `model` before scoring (excess_loss's reference: a trained run)
+        self.adapter = None if adapter is None else str(adapter)
+        self._adapter_id: str | None = None
+        #: the progress bar's label (a selector that scores with several models names each pass)
+        self.progress_desc = f"{self.name} scoring"
         self._key: tuple | None = None
         self.model: Any = None
         self.tokenizer: Any = None
@@ -442,6 +213,10 @@ class PerplexitySelector(Selector):
         self._use_score_cache = bool(score_cache)
         self.cache_hits = 0
         self.scored = 0
+        #: cost of what was computed (not read from the score cache): tokens scored, forwarded, seconds
+        self.tokens_scored = 0
+        self.tokens_forwarded = 0
+        self.seconds = 0.0
 
     # ---- resources
 
@@ -449,7 +224,9 @@ class PerplexitySelector(Selector):
         """Load (or share) the scoring model and tokenizer; called on first use."""
         if self.model is not None:
             return
-        self._key, self.model, self.tokenizer = _acquire(self.spec, self.cache_dir, self.device, self.dtype)
+        self._key, self.model, self.tokenizer = SCORING_MODELS.acquire(
+            self.spec, self.cache_dir, self.device, self.dtype, adapter=self.adapter
+        )
         pad = self.tokenizer.pad_token_id
         self.scorer = SpanScorer(
             self.model,
@@ -463,7 +240,7 @@ class PerplexitySelector(Selector):
 
     def close(self) -> None:
         if self._key is not None:
-            _release(self._key)
+            SCORING_MODELS.release(self._key)
         self._key = None
         self.model = self.tokenizer = self.scorer = None
         self._alone_tok.clear()
@@ -575,10 +352,13 @@ class PerplexitySelector(Selector):
     def _cache_key(self, traj: Trajectory) -> str:
         """Everything a step's score depends on; not the ratio, seed or scope, which only choose among scores."""
         spec = self.spec
+        if self.adapter is not None and self._adapter_id is None:
+            self._adapter_id = adapter_identity(self.adapter)  # its content: a retrained adapter is a new model
+        adapter = [("adapter", self._adapter_id)] if self.adapter is not None else []  # keys without one unchanged
         return fingerprint(
             "step-scores", 1, self.metric, spec.name, spec.name_or_path, spec.gguf_file, spec.revision,
             spec.chat_template, self._max_length, self.alone_prompt, str(self.dtype),
-            [(m.role, m.content, m.step) for m in traj.messages],
+            [(m.role, m.content, m.step) for m in traj.messages], *adapter,
         )
 
     def score_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
@@ -628,7 +408,11 @@ class PerplexitySelector(Selector):
             for c in new:
                 ids, span, _ = self._alone(c)
                 seqs.append(ScoredSeq(ids, [span], [("a", c)]))
-        losses = self.scorer.score(seqs, progress=self.progress, desc=f"{self.name} scoring")
+        t0, n0, f0 = time.perf_counter(), self.scorer.span_tokens, self.scorer.tokens
+        losses = self.scorer.score(seqs, progress=self.progress, desc=self.progress_desc)
+        self.seconds += time.perf_counter() - t0
+        self.tokens_scored += self.scorer.span_tokens - n0
+        self.tokens_forwarded += self.scorer.tokens - f0
         for key, v in losses.items():
             if key[0] == "a":  # type: ignore[index]
                 self._alone_loss[key[1]] = v  # type: ignore[index]
