@@ -70,6 +70,9 @@ def _models_needed(cfg: DictConfig, stages: set[str], evals: bool) -> list[tuple
         m = cfg.selector.get("model")
         if isinstance(m, str) and m:
             out.append(("selector.model", ModelSpec(name=m, name_or_path=m)))
+        r = cfg.selector.get("reference")  # excess_loss; an adapter folder has no config.json of its own
+        if isinstance(r, str) and r and not (Path(r).expanduser() / "adapter_config.json").is_file():
+            out.append(("selector.reference", ModelSpec(name=r, name_or_path=r)))
     if evals and cfg.get("policy") is not None and not str(cfg.policy.get("_target_", "")).endswith("OpenAIPolicy"):
         m = cfg.policy.get("model")
         if m in ("run", "base", None):

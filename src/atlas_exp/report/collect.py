@@ -33,6 +33,7 @@ SELECTOR_BY_CLASS = {
     "OracleSelector": "oracle",
     "NonCriticalSelector": "non_critical",
     "HybridSelector": "hybrid",
+    "ExcessLossSelector": "excess_loss",
 }
 
 #: overrides that never change what a run measures, or that are the row key itself (selector, ratio)

@@ -69,6 +69,20 @@ def adapter_identity(path: str) -> str:
     return fingerprint([(f.name, file_fingerprint(f)) for f in files])
 
 
+def _warn_if_other_base(adapter: str, base_path: str) -> None:
+    """An adapter merged over another base than the one it was trained on gives wrong scores without failing
+    when the shapes agree; warn (not refuse: a run dir or the model cache may have moved since)."""
+    import json
+
+    try:
+        recorded = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return
+    if recorded and os.path.realpath(os.path.expanduser(recorded)) != os.path.realpath(os.path.expanduser(base_path)):
+        log.warning("adapter %s was trained on %s, and is merged over %s (the selector's model): check that they are "
+                    "the same model", adapter, recorded, base_path)
+
+
 @dataclass
 class _Loaded:
     model: Any
@@ -96,6 +110,8 @@ class ModelPool:
             model = load_model(spec, cache_dir, dtype=dtype)
             if adapter is not None:
                 from peft import PeftModel
+
+                _warn_if_other_base(adapter, path)
 
                 # merged once: scoring then runs at the base model's speed
                 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
