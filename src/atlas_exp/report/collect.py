@@ -34,6 +34,7 @@ SELECTOR_BY_CLASS = {
     "NonCriticalSelector": "non_critical",
     "HybridSelector": "hybrid",
     "ExcessLossSelector": "excess_loss",
+    "RolloutValueSelector": "rollout_value",
 }
 
 #: overrides that never change what a run measures, or that are the row key itself (selector, ratio)

@@ -34,7 +34,8 @@ NO_CI_MARK = "‡"
 
 SPLIT_LABEL = {"held_in": "held-in", "held_out": "held-out", "offline": "offline (expert steps)"}
 #: row order: the paper's order first (the baseline, the method, its ablations), then the rest by name
-SELECTOR_ORDER = ("all", "oracle", "random", "non_critical", "perplexity", "perplexity_delta", "hybrid")
+SELECTOR_ORDER = ("all", "oracle", "random", "non_critical", "perplexity", "perplexity_delta", "excess_loss", "rollout_value",
+                  "hybrid")
 #: two ratios closer than this are the same row (0.3 from YAML and 0.30000000000000004 from arithmetic)
 RATIO_TOL = 1e-6
 
