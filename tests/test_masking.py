@@ -8,6 +8,8 @@ What the trainer relies on, checked on real AgentTraj-L trajectories with the re
   (`<|im_end|>` / `<|eot_id|>`), never the role header, never the newline after `<|im_end|>`;
 * unselected steps, user turns and the non-trainable "OK." assistant turn carry no label;
 * truncation keeps the beginning and counts the selected tokens it cut;
+* `supervise=thought|action`: a step's Thought part and its Action part (with the end-of-turn token) tile
+  its supervised span exactly, split where its "Action:" line starts;
 * a template without per-turn spans (prefix property broken, no end-of-turn token, a span boundary
   inside a token) is refused with a `TemplateError` naming where.
 """
@@ -24,7 +26,7 @@ from atlas_exp.errors import DataError, TemplateError
 from atlas_exp.selectors.base import Selection, StepChoice
 from atlas_exp.train.chat_template import get_template_info
 from atlas_exp.train.masking import IGNORE_INDEX, build_example, build_examples
-from atlas_exp.train.turn_spans import tokenize_trajectory
+from atlas_exp.train.turn_spans import step_part_spans, tokenize_trajectory
 
 ROLE = {"human": "user", "gpt": "assistant"}
 
@@ -445,3 +447,90 @@ def test_special_token_text_inside_a_content_is_refused(smollm2_tokenizer):
     t = Trajectory(id="inject-1", env="synthetic", messages=msgs)
     with pytest.raises(DataError, match=r"inject-1 \[messages\[1\].content\]: content contains the special token"):
         tokenize_trajectory(smollm2_tokenizer, t)
+
+
+# ------------------------------------------------------------------------------------------------ thought / action
+
+
+def test_thought_and_action_parts_have_exact_token_spans(family, smollm2_tokenizer):
+    """A hand-made ReAct step. Oracle independent of the offsets: the step ends where apply_chat_template of
+    its prefix ends (minus the text after the end-of-turn token), its content tokens precede the end-of-turn
+    token, and the thought is the shortest run of them that decodes to `Thought:...\\n\\n` (in context
+    SmolLM2 splits that "\\n\\n" into two tokens, unlike the thought encoded alone)."""
+    name, tok, fam = family
+    thought, action = "Thought:\nI should look around first.\n\n", "Action:\nlook"
+    msgs = [Message("user", "You are in a room."), Message("assistant", thought + action, step=0),
+            Message("user", "You see a key.")]
+    t = Trajectory(id="react-1", env="synthetic", messages=msgs)
+    tt = tokenize_trajectory(tok, t)
+    after = tok.encode(fam["after_eot"], add_special_tokens=False) if fam["after_eot"] else []
+    content_ids = tok.encode(thought + action, add_special_tokens=False)
+    end = len(_act_ids(tok, _chat(t)[:2])) - len(after)
+    start = end - 1 - len(content_ids)
+    k = next(k for k in range(len(content_ids)) if _decode(tok, content_ids[:k]) == thought)
+    assert tt.step_spans == [(start, end)]
+    assert step_part_spans(tok, t, tt, "thought") == [(start, start + k)]
+    assert step_part_spans(tok, t, tt, "action") == [(start + k, end)]
+    (a, b), = step_part_spans(tok, t, tt, "action")
+    assert tt.input_ids[b - 1] == tok.convert_tokens_to_ids(fam["eot"])
+    assert _decode(tok, tt.input_ids[a:b]) == action + fam["eot"]
+
+
+def test_thought_and_action_tile_every_real_step(family, trajs):
+    """Real steps: thought + action == the step, split where the content's first "Action:" line starts.
+    movie_118's last step is only an action ("\\nAction: finish ..."): it has no thought."""
+    name, tok, fam = family
+    for t in trajs:
+        tt = tokenize_trajectory(tok, t)
+        thoughts = step_part_spans(tok, t, tt, "thought", on_missing="skip")
+        actions = step_part_spans(tok, t, tt, "action")
+        for k, ((s, e), th, (as_, ae)) in enumerate(zip(tt.step_spans, thoughts, actions)):
+            content = t.steps[k].content.strip() if fam["trim"] else t.steps[k].content
+            j = 0 if content.startswith("Action:") else content.index("\nAction:") + 1
+            assert ae == e and _decode(tok, tt.input_ids[as_:ae]) == content[j:] + fam["eot"], (name, t.id, k)
+            if not content[:j].strip():
+                assert th is None and (t.id, k) == ("movie_118", t.n_steps - 1)
+                continue
+            assert th == (s, as_) and s < as_ < e, (name, t.id, k)
+            assert _decode(tok, tt.input_ids[s:as_]) == content[:j], (name, t.id, k)
+    assert any(t.id == "movie_118" for t in trajs)
+
+
+def test_action_labels_only_the_action_part(family, trajs):
+    name, tok, fam = family
+    t = trajs[0]
+    sel = _select(t, {0, t.n_steps - 1})
+    ex = build_example(tok, t, sel, max_length=None, supervise="action")
+    tt = tokenize_trajectory(tok, t)
+    actions = step_part_spans(tok, t, tt, "action")
+    want = [IGNORE_INDEX] * len(tt.input_ids)
+    for k in (0, t.n_steps - 1):
+        a, b = actions[k]
+        want[a:b] = tt.input_ids[a:b]
+    assert ex.labels == want and ex.weights is None
+    assert ex.n_supervised == sum(actions[k][1] - actions[k][0] for k in (0, t.n_steps - 1))
+
+
+def test_a_step_without_the_part_asked_for_is_an_error_naming_it(smollm2_tokenizer):
+    msgs = [Message("user", "Go."), Message("assistant", "Thought:\nfine.\n\nAction:\ngo", step=0),
+            Message("user", "Ok."), Message("assistant", "I will just go north.", step=1)]
+    t = Trajectory(id="noact-7", env="synthetic", messages=msgs)
+    tt = tokenize_trajectory(smollm2_tokenizer, t)
+    for part in ("thought", "action"):
+        with pytest.raises(DataError, match=r"noact-7 \[messages\[3\] \(step 1\)\]: train.supervise=" + part):
+            step_part_spans(smollm2_tokenizer, t, tt, part)
+    only_action = Trajectory(id="bare-2", env="synthetic", messages=[Message("user", "Go."),
+                                                                     Message("assistant", "Action:\ngo", step=0)])
+    tt = tokenize_trajectory(smollm2_tokenizer, only_action)
+    assert step_part_spans(smollm2_tokenizer, only_action, tt, "action") == tt.step_spans
+    with pytest.raises(DataError, match="no thought before its 'Action:' line"):
+        step_part_spans(smollm2_tokenizer, only_action, tt, "thought")
+    # on_missing_part=skip: that step is not supervised, and counted
+    sel = Selection(id="bare-2", selector="t", ratio=1.0, steps=[StepChoice(step=0, score=1.0, selected=True)])
+    assert build_example(smollm2_tokenizer, only_action, sel, None, on_empty="skip", supervise="thought",
+                         on_missing_part="skip") is None
+    sel = _select(t, {0, 1})
+    ex = build_example(smollm2_tokenizer, t, sel, None, supervise="action", on_missing_part="skip")
+    assert ex.n_steps_missing_part == 1 and ex.n_supervised == ex.n_selected_tokens
+    with pytest.raises(DataError, match="noact-7"):
+        build_example(smollm2_tokenizer, t, sel, None, supervise="action")

@@ -17,6 +17,26 @@
     which shows when kernels are as short as a 135M model's). The leading -100 column keeps the Trainer's
     count of supervised tokens (over `labels[..., 1:]`) right. Exact (tests/test_logits_positions.py).
   - otherwise: a boolean mask `[rows, length]`; the model returns the logits of its True positions flattened.
+- `weighted` (`train.step_weights=score`, or data weights other than 1): also `label_weights`, float32, the
+  shape of the `labels` it is returned with (after any of the transforms above), the weight of each label
+  (an example's `weights`, 1.0 for a label without), 0.0 wherever the label is -100. `weighted_loss` reads it.
+
+Why not transformers' `DataCollatorWithFlattening`: it flattens `input_ids`, `labels` and `position_ids`
+exactly like `_packed` (boundary label -100, positions restarting at 0), but nothing else; the label
+weights would still need flattening by hand with the same boundary rule, and the padded path and the
+supervised-position transforms would stay ours. One collator that lays out labels and their weights
+together keeps the two from ever disagreeing.
+
+>>> c = MaskedCollator(pad_token_id=0, pack=True, weighted=True)
+>>> b = c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "weights": [0.0, 0.5, 0.5]},
+...        {"input_ids": [8, 9], "labels": [8, 9]}])
+>>> b["input_ids"].tolist(), b["labels"].tolist(), b["position_ids"].tolist()
+([[5, 6, 7, 8, 9]], [[-100, 6, 7, -100, 9]], [[0, 1, 2, 0, 1]])
+>>> b["label_weights"].tolist()
+[[0.0, 0.5, 0.5, 0.0, 1.0]]
+>>> MaskedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+...                                 {"input_ids": [8], "labels": [8]}])["labels"].tolist()
+[[-100, 6, 7], [8, -100, -100]]
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ class MaskedCollator:
 
     `pad_to_multiple_of` (padded mode) rounds the row length up, which helps tensor cores on a GPU.
     `logits_positions` (with `supervised_logits_only`): integer positions and compact labels instead of a
-    boolean mask (see the module's docstring).
+    boolean mask (see the module's docstring). `weighted`: also `label_weights` (same).
     """
 
     pad_token_id: int
@@ -43,15 +63,38 @@ class MaskedCollator:
     pack: bool = False
     supervised_logits_only: bool = False
     logits_positions: bool = False
+    weighted: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._packed(features) if self.pack else self._padded(features)
+        weights = None
+        if self.weighted:
+            weights = self._weights(features, batch["labels"].shape)
+            weights = torch.where(batch["labels"] != -100, weights, torch.zeros(()))
         if self.supervised_logits_only:
             if self.logits_positions:
-                batch["logits_to_keep"], batch["labels"] = supervised_positions(batch["labels"])
+                positions, targets = supervised_positions(batch["labels"])
+                if weights is not None:
+                    # the weight of the token each kept position predicts, in the targets' layout
+                    kept = torch.gather(weights[:, 1:], 1, positions) * (targets[:, 1:] != -100)
+                    weights = torch.cat([torch.zeros((len(kept), 1)), kept], dim=1)
+                batch["logits_to_keep"], batch["labels"] = positions, targets
             else:
                 batch["logits_to_keep"] = next_token_supervised(batch["labels"])
+        if weights is not None:
+            batch["label_weights"] = weights
         return batch
+
+    def _weights(self, features: list[dict[str, Any]], shape: torch.Size) -> torch.Tensor:
+        """Each example's `weights` (1.0 where it has none) laid out like `_padded` / `_packed` lay labels."""
+        rows = [torch.as_tensor(f["weights"], dtype=torch.float32) if f.get("weights") is not None
+                else torch.ones(len(f["input_ids"]), dtype=torch.float32) for f in features]
+        if self.pack:
+            return torch.cat(rows)[None]
+        out = torch.zeros(shape, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
 
     def _padded(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)

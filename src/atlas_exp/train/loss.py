@@ -14,6 +14,13 @@ loss and gradients are equal to the standard path (tests/test_packing.py, tests/
   size, so the host never waits for the GPU (what a boolean mask costs once per micro-batch).
 - a boolean mask `[rows, length]` (`next_token_supervised`): the model returns `[n_true, vocab]` and the loss
   picks the targets with the same mask.
+
+`weighted_loss` is the weighted form (`train.step_weights`, data weights): `sum_t w_t * nll_t / sum_t w_t`
+over the supervised tokens, the denominator being the total weight of the whole accumulated batch (the
+trainer counts it where the Trainer counts tokens). With every weight 1 the total weight is the token count,
+so this is the same mean as the unweighted loss; a long step still weighs as many tokens as it has, each
+scaled by its step's weight. It also reads full logits (no `logits_to_keep`), since the model's own loss
+cannot weight tokens.
 """
 
 from __future__ import annotations
@@ -85,3 +92,32 @@ def supervised_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any 
         )
     loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
     return _normalise(loss, targets.numel(), num_items_in_batch)
+
+
+def weighted_loss(outputs: Any, labels: torch.Tensor, weights: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """`sum(w_t * nll_t) / W` over the supervised tokens; `W` is `num_items_in_batch` (the accumulated batch's
+    total weight, from the trainer) or, without it, this batch's own total weight.
+
+    `weights` has the layout of `labels` (the collator's `label_weights`, 0 where the label is -100). Three
+    forms of logits: positions `[rows, K, vocab]` with labels `[rows, 1 + K]`, full `[rows, length, vocab]`
+    with labels `[rows, length]` (shifted here, as the model's loss does), or a mask's `[n, vocab]`.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    weights = weights.to(logits.device)
+    if logits.dim() == 3 and logits.shape[:2] == (labels.shape[0], labels.shape[1] - 1):
+        flat, targets, w = logits.flatten(0, 1), labels[:, 1:], weights[:, 1:]
+    elif logits.dim() == 3 and logits.shape[:2] == labels.shape:
+        flat, targets, w = logits[:, :-1].flatten(0, 1), labels[:, 1:], weights[:, 1:]
+    else:
+        keep = next_token_supervised(labels)[:, :-1]
+        flat, targets, w = logits, labels[:, 1:][keep], weights[:, 1:][keep.to(weights.device)]
+        if logits.dim() != 2 or logits.shape[0] != targets.numel():
+            raise ValueError(f"weighted_loss: logits of shape {tuple(logits.shape)} do not fit labels of shape "
+                             f"{tuple(labels.shape)}; set train.supervised_logits_only=false")
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    nll = F.cross_entropy(flat, targets.flatten().to(logits.device), ignore_index=-100, reduction="none")
+    w = w.flatten().to(nll.dtype)
+    loss = (nll * w).sum()
+    if num_items_in_batch is None:
+        return loss / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+    return _normalise(loss, None, num_items_in_batch)

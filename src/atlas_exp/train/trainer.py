@@ -6,7 +6,9 @@ set up the transformers Trainer (DeepSpeed when configured), train (resuming whe
 The loss is the mean over supervised tokens of the whole optimizer step: the Trainer counts the
 supervised tokens of all micro-batches of a step (across ranks too) and the model's causal-LM loss
 divides the summed token losses by that count, so a long selected step weighs as many tokens as it has,
-whatever the batch layout.
+whatever the batch layout. With token weights (`train.step_weights=score`, or data weights other than 1)
+the same holds with weights for counts: `sum(w * nll)` over the total weight of the optimizer step
+(`_weighted_trainer`, `train/loss.py`'s `weighted_loss`); with all weights 1 that is the same mean.
 """
 
 from __future__ import annotations
@@ -163,6 +165,46 @@ def optimisation_arguments(cfg: DictConfig, precision: str) -> dict[str, Any]:
     }
 
 
+def _weighted_trainer(trainer_cls: type) -> type:
+    """`trainer_cls` normalising the loss by the total label weight of an optimizer step, not its token count.
+
+    The Trainer counts the supervised tokens of all micro-batches of a step (`get_batch_samples`, summed over
+    ranks when it averages tokens across devices) and hands that count to the loss; here the same place
+    sums the collator's `label_weights` instead. `compute_loss` takes the weights out of the inputs (the
+    model must not see them) for `weighted_loss`, and leaves everything else (gradient-accumulation and
+    multi-rank scaling) to the Trainer.
+    """
+    from atlas_exp.train.loss import weighted_loss
+
+    class WeightedLossTrainer(trainer_cls):
+        _label_weights: torch.Tensor | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, compute_loss_func=self._weighted_loss, **kwargs)
+
+        def _weighted_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+            return weighted_loss(outputs, labels, self._label_weights, num_items_in_batch)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if n is None or not batches:
+                return batches, n
+            total = sum(b["label_weights"][..., 1:].sum() for b in batches).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            return batches, total
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._label_weights = inputs.pop("label_weights")
+            try:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            finally:
+                self._label_weights = None
+
+    return WeightedLossTrainer
+
+
 def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     """Train on this process (one rank of a torchrun job, or alone). Only rank 0 writes artifacts."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -187,6 +229,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         raise AtlasError(
             f"{rd.selection} has {len(sels)} lines for {len(trajs)} trajectories: rerun the select stage"
         )
+    step_weights = str(tc.get("step_weights", "binary"))
     examples, stats = build_examples(
         tok,
         trajs,
@@ -194,6 +237,9 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         max_length=int(tc.max_length),
         on_empty=str(tc.on_empty),
         truncate_after_last_selected=bool(tc.truncate_after_last_selected),
+        step_weights=step_weights,
+        supervise=str(tc.get("supervise", "step")),
+        on_missing_part=str(tc.get("on_missing_part", "error")),
         progress=is_main,
     )
     if not examples:
@@ -204,7 +250,12 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
             stats["n_selected_tokens_lost"],
             tc.max_length,
         )
+    # token weights: the weighted loss as soon as any label weighs other than 1 (else the unweighted path, unchanged)
+    weighted = step_weights == "score" or any(e.weights is not None for e in examples)
     train_data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    if weighted:
+        for d, e in zip(train_data, examples):
+            d["weights"] = e.weights
 
     # 2. the model
     model = build_model(cfg, spec, precision)
@@ -252,7 +303,7 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
                     wandb.run.summary.update(run_stats)
 
     supervised_only = bool(tc.get("supervised_logits_only", False))
-    trainer = Trainer(
+    trainer = (_weighted_trainer(Trainer) if weighted else Trainer)(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -260,9 +311,11 @@ def run_training(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         # installed transformers takes them; else as a boolean mask (train/collator.py)
         data_collator=MaskedCollator(pad_token_id=tok.pad_token_id, pack=bool(tc.get("packing", False)),
                                      supervised_logits_only=supervised_only,
-                                     logits_positions=supervised_only and logits_positions_supported()),
+                                     logits_positions=supervised_only and logits_positions_supported(),
+                                     weighted=weighted),
         # with logits only at supervised positions the model cannot compute its own loss; this is the same loss
-        compute_loss_func=supervised_loss if supervised_only else None,
+        # (the weighted trainer brings its own)
+        **({} if weighted else {"compute_loss_func": supervised_loss if supervised_only else None}),
         processing_class=tok,
         callbacks=[_LogRunStats(), _CountSteps()],
     )

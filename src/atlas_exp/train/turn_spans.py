@@ -47,10 +47,11 @@ number.
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import DataError, TemplateError
@@ -82,6 +83,8 @@ class TokenizedTrajectory:
     supervised_char_spans: list[tuple[int, int] | None]
     #: per step (indexed by step number): the supervised span of that step
     step_spans: list[tuple[int, int]]
+    #: the tokenizer's offset mapping of `text` (char span of each token), to map further char spans
+    offsets: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
 
 
@@ -261,4 +264,62 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
         supervised_spans=sup_tok,
         supervised_char_spans=sup_char,
         step_spans=step_spans,
+        offsets=[(int(a), int(b)) for a, b in enc["offset_mapping"]],
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# one step -> its Thought / Action part (train.supervise=thought|action)
+
+#: where a ReAct reply's action part starts: "Action:" at the start of the content or of a line
+_ACTION_MARK = re.compile(r"(?m)^Action[ \t]*:")
+
+Part = Literal["thought", "action"]
+
+
+def step_part_spans(tokenizer: Any, traj: Trajectory, tt: TokenizedTrajectory, part: Part,
+                    on_missing: Literal["error", "skip"] = "error") -> list[tuple[int, int] | None]:
+    """Per step, the token span of its `Thought:` or `Action:` part, inside its supervised span.
+
+    A ReAct step renders as `Thought:\n<thought>\n\nAction:\n<action>` + end-of-turn. The action part runs
+    from the FIRST "Action:" that starts a line (the one AgentGym's clients executed) to the end of the
+    supervised span, so the end-of-turn token stays with the action: the model must still learn to stop
+    after acting. The thought part is everything before that marker (the "Thought:" marker and the blank
+    line included), so thought + action tile the step exactly. The marker boundary is mapped to a token
+    like the turn boundaries (offset mapping; inside a token raises `TemplateError`).
+
+    A step without the part asked for (no "Action:" line, or nothing before it for `thought`: AgentTraj-L's
+    movie_118 has such a final step) raises `DataError` naming the trajectory and step, or is None with
+    `on_missing="skip"` (the caller counts it; `train.on_missing_part`). Erroring is the default because
+    quietly training such a step's whole turn, or nothing of it, changes what the run learns unseen. A
+    tool-call turn has no ReAct text at all: always an error (use `supervise=step`).
+    """
+    info = get_template_info(tokenizer)
+    to_tok = _CharToToken(tt.offsets, info.name)
+    out: list[tuple[int, int] | None] = []
+    for i, m in enumerate(traj.messages):
+        if not m.is_step:
+            continue
+        where = f"messages[{i}] (step {m.step})"
+        if m.tool_calls:
+            raise DataError(f"train.supervise={part} needs ReAct text steps (Thought:/Action:); this step makes "
+                            "tool calls: use train.supervise=step", source=traj.id, field=where)
+        c0, c1 = tt.supervised_char_spans[i]
+        content_end = c1 - len(info.eot_text)
+        mark = _ACTION_MARK.search(tt.text, c0, content_end)
+        if mark is None or (part == "thought" and not tt.text[c0 : mark.start()].strip()):
+            if on_missing == "skip":
+                out.append(None)
+                continue
+            what = "'Action:' line" if mark is None else "thought before its 'Action:' line"
+            raise DataError(f"train.supervise={part}: the step has no {what} (content "
+                            f"{tt.text[c0:content_end][:80]!r}); train.on_missing_part=skip leaves such steps "
+                            "unsupervised (counted)", source=traj.id, field=where)
+        a, b = (c0, mark.start()) if part == "thought" else (mark.start(), c1)
+        ta, tb = to_tok(a), to_tok(b)
+        if ta is None or tb is None:
+            raise TemplateError(f"{info.name}: in trajectory {traj.id!r}, {where}: the {part} part's boundary at "
+                                f"character {mark.start()} falls inside a token ({tt.text[max(0, mark.start() - 20):mark.start() + 20]!r}); "
+                                "no exact token span exists")
+        out.append((ta, tb))
+    return out
