@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -234,22 +235,17 @@ def test_gradient_accumulation_normalises_by_the_step_total_weight(tiny_model, w
     assert abs(halves - together) > 1e-5  # the mean of the micro-batch means is a different number
 
 
-@pytest.mark.slow  # two app runs: 315 s on a shared 2-core machine
-def test_training_with_score_weights_runs_packed_like_padded(tmp_path):
-    """The app end to end with step_weights=score: the first logged loss is the same packed with supervised
-    positions only as padded with full logits (same weights, same data, same initial model)."""
-    losses = {}
-    for name, extra in (("padded", ["train.packing=false", "train.supervised_logits_only=false"]),
-                        ("packed", ["train.packing=true", "train.supervised_logits_only=true"])):
-        rd = tmp_path / name
-        p = app(f"run_dir={rd}", "logger=none", "eval=none", "data.sources.0.n=4", "selector=random", "ratio=0.5",
-                "train.step_weights=score", "train.max_steps=1", "train.per_device_batch_size=2", "train.grad_accum=2",
-                "train.lora.dropout=0.0", "train.warmup_ratio=0", "train.save_steps=100", *extra)
-        assert p.returncode == 0, p.stderr[-3000:]
-        losses[name] = json.loads((rd / "model" / "training_summary.json").read_text())["losses"]
-    print(losses)
-    assert len(losses["padded"]) == 1 and losses["padded"][0] > 0
-    assert losses["packed"][0] == pytest.approx(losses["padded"][0], abs=1e-5)
+def test_the_app_trains_with_score_weights_on_the_packed_supervised_only_path(tmp_path):
+    """The app end to end with step_weights=score on the path with the most moving parts (packed rows,
+    supervised positions only, gradient accumulation over two micro-batches): training runs and logs a finite
+    loss. That this loss equals the padded full-logits one is shown above without the app, layout by layout."""
+    rd = tmp_path / "run"
+    p = app(f"run_dir={rd}", "logger=none", "eval=none", "data.sources.0.n=2", "selector=random", "ratio=0.5",
+            "train.step_weights=score", "train.max_steps=1", "train.per_device_batch_size=1", "train.grad_accum=2",
+            "train.packing=true", "train.supervised_logits_only=true", "train.save_steps=100")
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = json.loads((rd / "model" / "training_summary.json").read_text())["losses"]
+    assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0
 
 
 def test_the_collators_docstring_example_holds():
