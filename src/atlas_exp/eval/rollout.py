@@ -11,18 +11,25 @@ the model (`context_limit`), when the policy cannot reply, or when the env raise
 ScienceWorld JVM that died, a game file that fails to load) is closed and replaced by a fresh one, and the
 episode is played again from the start, once (`env_retries`); a second failure is recorded as `env_error`
 with the message: one broken episode must not take a 200-episode evaluation down with it.
+
+An episode can also start part-way through a recorded one (`EpisodeTask.start`, an `EpisodeStart`): the env
+is reset to the recorded item, the recorded replies are replayed (each recorded observation checked, whitespace
+aside, so a non-deterministic env is caught rather than silently continued from another state), and the
+policy continues from the recorded conversation so far. This is how `selector=rollout_value` estimates the
+value of the states of an expert trajectory; `turns` and `max_turns` count the policy's own replies only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from atlas_exp.envs.base import Env, EpisodeSpec
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
 from atlas_exp.eval.policy import Message, NoReply, Policy
 
 log = logging.getLogger(__name__)
@@ -31,12 +38,100 @@ log = logging.getLogger(__name__)
 ENDS = ("done", "max_turns", "context_limit", "no_reply", "env_error")
 
 
+def same_text(a: str, b: str, match: str = "exact") -> bool:
+    """Whether two observations are the same text up to whitespace (runs of blanks, line breaks, ends).
+
+    `match="unordered"` also ignores the order of lines and of the words within each line (punctuation aside):
+    ScienceWorld lists objects in hash-set order, which AgentGym's JVM randomised, so its recordings show the
+    same objects, states and numbers in another order (tests/test_sciworld_env.py measures it).
+    """
+    if match == "unordered":
+        def bag(text: str) -> list[tuple[str, ...]]:
+            return sorted(tuple(sorted(re.findall(r"[^\s,.()]+", line))) for line in text.split("\n") if line.strip())
+
+        return bag(a) == bag(b)
+    if match != "exact":
+        raise ValueError(f"observation match must be exact or unordered, got {match!r}")
+    return a.split() == b.split()
+
+
+class PrefixMismatch(RuntimeError):
+    """Replaying recorded replies did not reproduce the recorded observations (or ended the episode early).
+
+    `step` is the recorded step whose observation differs (-1: the first observation, after reset)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(frozen=True, eq=False)
+class EpisodeStart:
+    """Start an episode after the first replies of a recorded one instead of at the env's reset.
+
+    `history`: the conversation the policy continues (the recorded messages up to the state, ending with the
+    observation it answers). `replies`: the recorded assistant replies to replay into the env, in order (the env
+    extracts each action as it does for the policy's replies). `observations`: what the recording shows after
+    reset and after each reply (`len(replies) + 1` texts), checked during the replay; empty: not checked.
+    """
+
+    history: tuple[Message, ...]
+    replies: tuple[str, ...] = ()
+    observations: tuple[str, ...] = ()
+    #: how observations are compared (`same_text`): exact (whitespace aside) | unordered
+    match: str = "exact"
+
+
+def env_action(env: Env, reply: str) -> tuple[str, bool]:
+    """The action a reply sends to `env` and whether the reply had one (else its last line is sent)."""
+    action = env.action_from_reply(reply)
+    if action is None:
+        return _fallback_action(reply), False
+    return action, True
+
+
+def replay(env: Env, first: str, start: EpisodeStart, *, stop_at_done: bool = False) -> list[StepResult]:
+    """Replay `start.replies` into `env`, just reset (its first observation `first`); the step results.
+
+    Raises PrefixMismatch when an observation differs from `start.observations` or the env ends the episode
+    before the last reply, unless `stop_at_done`: then the results end there (some recordings go on after the
+    task is complete, e.g. ScienceWorld's final "wait1"; what follows cannot change the outcome).
+    """
+    obs = start.observations
+    if obs and not same_text(first, obs[0], start.match):
+        raise PrefixMismatch(-1, f"the first observation differs from the recorded one: {first[:200]!r} vs {obs[0][:200]!r}")
+    results = []
+    for i, reply in enumerate(start.replies):
+        res = env.step(env_action(env, reply)[0])
+        results.append(res)
+        if obs and i + 1 < len(obs) and not same_text(res.observation, obs[i + 1], start.match):
+            raise PrefixMismatch(i, f"the observation after step {i} differs from the recorded one: "
+                                    f"{res.observation[:200]!r} vs {obs[i + 1][:200]!r}")
+        if res.done and i + 1 < len(start.replies):
+            if stop_at_done:
+                return results
+            raise PrefixMismatch(i, f"the env ended the episode at step {i}, but {len(start.replies) - i - 1} "
+                                    "recorded step(s) follow")
+    return results
+
+
 @dataclass(frozen=True)
 class EpisodeTask:
-    """One episode to play: which task (env config) and which episode of it."""
+    """One episode to play: which task (env config) and which episode of it.
+
+    `start`: continue a recorded episode part-way (see `EpisodeStart`); None: play from the env's reset.
+    `pool`: the `EnvPool` entry whose envs play it (default: `task`), so that many tasks of one env (a
+    selector's restart points) share its instances.
+    """
 
     task: str
     episode: int | str | EpisodeSpec
+    start: EpisodeStart | None = None
+    pool: str | None = None
+
+    @property
+    def pool_key(self) -> str:
+        return self.pool or self.task
 
     @property
     def episode_id(self) -> str:
@@ -63,6 +158,8 @@ class EpisodeResult:
     error: str = ""
     #: how many times the episode was started (2 after an env failure and its retry)
     attempts: int = 1
+    #: recorded replies replayed before the policy's first turn (`EpisodeTask.start`); env steps = this + turns
+    replayed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -142,9 +239,9 @@ def run_episodes(
     last episode is done and heavy envs (a JVM per ScienceWorld env) do not pile up across tasks.
     """
     pending: deque[tuple[EpisodeTask, int]] = deque((t, 0) for t in tasks)
-    remaining: dict[str, int] = {}
+    remaining: dict[str, int] = {}  # per env pool
     for t, _ in pending:
-        remaining[t.task] = remaining.get(t.task, 0) + 1
+        remaining[t.pool_key] = remaining.get(t.pool_key, 0) + 1
     live: list[_Live] = []
 
     def turn_cap(task: str) -> int:
@@ -154,30 +251,31 @@ def run_episodes(
         """An env error: retry the episode on a fresh env, or give up and record it."""
         if ep.attempt < env_retries:
             log.warning("eval: %s episode %s: %s; retrying on a fresh env", ep.task.task, ep.task.episode_id, error)
-            pool.discard(ep.task.task, ep.env)
+            pool.discard(ep.task.pool_key, ep.env)
             pending.appendleft((ep.task, ep.attempt + 1))
             return None
         return finish(ep, "env_error", error=error, discard=True)
 
     def finish(ep: _Live, end: str, success: bool = False, error: str = "", discard: bool = False) -> EpisodeResult:
+        key = ep.task.pool_key
         if discard:
-            pool.discard(ep.task.task, ep.env)
+            pool.discard(key, ep.env)
         else:
-            pool.release(ep.task.task, ep.env)
-        remaining[ep.task.task] -= 1
-        if remaining[ep.task.task] == 0:
-            pool.close_task(ep.task.task)
+            pool.release(key, ep.env)
+        remaining[key] -= 1
+        if remaining[key] == 0:
+            pool.close_task(key)
         return EpisodeResult(
             task=ep.task.task, env=ep.env.name, episode=ep.task.episode_id, success=success,
             score=1.0 if success else min(max(ep.score, 0.0), 1.0), reward=ep.reward, turns=ep.turns, end=end,
             invalid_actions=ep.invalid, seconds=round(time.time() - ep.t0, 3), messages=ep.messages, error=error,
-            attempts=ep.attempt + 1,
+            attempts=ep.attempt + 1, replayed=len(ep.task.start.replies) if ep.task.start else 0,
         )
 
     while pending or live:
         while pending and len(live) < batch_size:
             t, attempt = pending.popleft()
-            env = pool.acquire(t.task)
+            env = pool.acquire(t.pool_key)
             ep = _Live(task=t, env=env, messages=[], t0=time.time(), attempt=attempt)
             try:
                 first = env.reset(t.episode)
@@ -186,11 +284,28 @@ def run_episodes(
                 if res is not None:
                     yield res
                 continue
-            ep.messages = [
-                {"role": "user", "content": env.instruction()},
-                {"role": "assistant", "content": env.ack},
-                {"role": "user", "content": first},
-            ]
+            if t.start is None:
+                ep.messages = [
+                    {"role": "user", "content": env.instruction()},
+                    {"role": "assistant", "content": env.ack},
+                    {"role": "user", "content": first},
+                ]
+            else:
+                try:
+                    replayed = replay(env, first, t.start)
+                except Exception as e:
+                    res = failed(ep, f"prefix replay: {type(e).__name__}: {e}")
+                    if res is not None:
+                        yield res
+                    continue
+                for r in replayed:
+                    ep.reward += float(r.reward)
+                    if "score" in r.info:
+                        ep.score = float(r.info["score"])
+                if replayed and replayed[-1].done:  # the recording's last step ended it: nothing to continue
+                    yield finish(ep, "done", success=bool(replayed[-1].success))
+                    continue
+                ep.messages = [dict(m) for m in t.start.history]
             live.append(ep)
         if not live:
             continue
@@ -202,10 +317,8 @@ def run_episodes(
                 continue
             ep.messages.append({"role": "assistant", "content": reply})
             ep.turns += 1
-            action = ep.env.action_from_reply(reply)
-            if action is None:
-                ep.invalid += 1
-                action = _fallback_action(reply)
+            action, valid = env_action(ep.env, reply)
+            ep.invalid += not valid
             try:
                 res = ep.env.step(action)
             except Exception as e:
