@@ -538,3 +538,40 @@ def test_unknown_options_are_named(tmp_path):
         OracleSelector(client={"api_key": "sk-x"}, cache_dir=tmp_path)  # keys come from the environment only
     with pytest.raises(ConfigError, match="on_failure"):
         OracleSelector(on_failure="ignore", cache_dir=tmp_path)
+
+
+def test_the_openai_packages_retries_are_counted_and_a_400_is_not_retried():
+    """The `openai` package retries (429 with Retry-After, 500s); the client counts each attempt it sent."""
+    from atlas_exp.llm.client import ChatClient
+
+    plans = {"429": [(429, {"retry-after": "0.2"}), (200, {})],
+             "500": [(500, {}), (500, {}), (200, {})],
+             "400": [(400, {}), (200, {})]}
+    for kind, plan in plans.items():
+        def respond(i, body, headers, plan=plan):
+            status, extra = plan[min(i, len(plan) - 1)]
+            payload = completion("the reply") if status == 200 else {"error": {"message": f"status {status}"}}
+            return status, payload, extra, 0
+
+        with Server(respond) as srv:
+            c = ChatClient(model="gpt-4o", base_url=srv.base_url, response_format="none", max_retries=3,
+                           backoff_base=0.01, backoff_max=1.0)
+            t0 = time.monotonic()
+            try:
+                if kind == "400":
+                    with pytest.raises(AtlasError, match="rejected"):
+                        c.chat([{"role": "user", "content": "hi"}])
+                else:
+                    assert c.chat([{"role": "user", "content": "hi"}]).text == "the reply"
+            finally:
+                c.close()
+            st = c.stats.as_dict()
+        sent = len(srv.bodies)
+        if kind == "429":
+            assert sent == 2 and st["requests"] == 2 and st["retries"] == 1 and st["errors"] == {"429": 1}
+            assert time.monotonic() - t0 >= 0.2  # Retry-After honoured
+        elif kind == "500":
+            assert sent == 3 and st["requests"] == 3 and st["retries"] == 2 and st["errors"] == {"500": 2}
+        else:
+            assert sent == 1 and st["requests"] == 1 and st["retries"] == 0 and st["errors"] == {"400": 1}
+        assert st["responses"] == (0 if kind == "400" else 1)

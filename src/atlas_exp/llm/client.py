@@ -4,8 +4,11 @@ Why this exists instead of calling `openai` directly: a selection run sends one 
 (tens of thousands for AgentTraj-L), so it has to survive rate limits, flaky servers and crashes without
 paying twice, and it has to say what it cost. This module adds, around the `openai` package:
 
-- retries with exponential backoff (and jitter, honouring Retry-After) on 408/409/429/5xx, timeouts and
-  connection errors; the `openai` package's own retries are off so every request sent is counted here;
+- retries by the `openai` package itself (it retries 408/409/429/5xx, timeouts and connection errors, and
+  honours Retry-After up to two minutes); we only set how many (`max_retries`), how long it waits
+  (`backoff_base`, `backoff_max`: our schedule, so an `abort` can cut a wait short) and count every
+  attempt it sends, by wrapping the HTTP client's `send` (the attempt number is the package's
+  `x-stainless-retry-count` request header);
 - structured output: the request carries a JSON-schema `response_format` where the server takes it
   (grammar-constrained on llama.cpp / vLLM, strict on OpenAI). A server that rejects it (400/422) is
   asked again with a simpler format (schema without numeric/length bounds -> llama-cpp-python's
@@ -48,7 +51,11 @@ FORMAT_OPTIONS = ("auto", "json_schema", "json_object_schema", "json_object", "n
 #: historically rejected them)
 _BOUND_KEYWORDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems",
                    "minLength", "maxLength", "uniqueItems"}
+#: statuses the `openai` package retries (its `_should_retry`: 408, 409, 429 and >= 500); an error with
+#: one of them after the retries means "unavailable now", any other 4xx means "this request is refused"
 _RETRY_STATUS = {408, 409, 429}
+#: request header in which the `openai` package numbers an attempt (0 = first, k = k-th retry)
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 #: USD per 1M tokens, OpenAI list prices for the paper's judge family (standard tier, no cached-input
 #: discount); `batch_discount` is the Batch API's (half price), applied to replies read from batch files.
 #: `conf/selector/oracle.yaml` repeats them so a run's config shows what it assumed
@@ -279,6 +286,10 @@ class ChatClient:
         if max_retries < 0 or timeout <= 0 or backoff_base < 0:
             raise ConfigError(f"{option}: max_retries >= 0, timeout > 0 and backoff_base >= 0 are required")
         self._openai = openai
+        # the HTTP package `openai` sends with (httpx2 since openai 3), for its exception types
+        import httpx2
+
+        self._httpx = httpx2
         self.model = str(model)
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -309,9 +320,10 @@ class ChatClient:
         if price is None and prices:
             log.warning("%s: no price for model %r in %s.prices; cost is shown as 0", option, self.model, option)
         self.stats = Stats(price)
-        # the openai package's own retries are off: retries happen (and are counted) here
-        self._client = openai.OpenAI(
-            base_url=base_url, api_key=api_key or "EMPTY", timeout=float(timeout), max_retries=0
+        # the openai package retries; the HTTP client under it counts each attempt it sends
+        self._client = _openai_client(self)(
+            base_url=base_url, api_key=api_key or "EMPTY", timeout=float(timeout), max_retries=self.max_retries,
+            http_client=_counting_http_client(self),
         )
         self.cache = ReplyCache(cache_path) if cache_path else None
         # the format an endpoint took last time, so a rerun does not probe it again with requests that
@@ -362,19 +374,45 @@ class ChatClient:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before retry `attempt` (0-based): min(backoff_max, backoff_base * 2^attempt) * U(0.5, 1),
+        at least the server's Retry-After (capped at backoff_max)."""
         delay = min(self.backoff_max, self.backoff_base * (2**attempt)) * (0.5 + random.random() / 2)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay
 
-    @staticmethod
-    def _retry_after(err: Any) -> float | None:
-        resp = getattr(err, "response", None)
-        value = resp.headers.get("retry-after") if resp is not None else None
+    def _wait_before_retry(self, attempt: int, headers: Any) -> None:
+        """The pause the `openai` package takes before a retry, on our schedule; an `abort` ends it at once
+        (the package would sleep through it) and the request fails with "the client was closed"."""
+        delay = self._backoff(attempt, _retry_after(headers))
+        log.debug("%s: retry %d/%d in %.2fs", self.option, attempt + 1, self.max_retries, delay)
+        if self._closed.wait(delay):
+            raise _Closed()
+
+    def _attempt(self, request: Any, send: Any) -> Any:
+        """Send one attempt of a request (the `openai` package's loop decides whether there is a next one)
+        and count it: requests, retries (from the package's attempt header) and failures by kind (HTTP
+        status, timeout, connection), logging the failure with any echo of the key masked."""
+        if self._closed.is_set():
+            raise _Closed()
+        retry = int(request.headers.get(RETRY_COUNT_HEADER) or 0)
+        self.stats.add(requests=1, retries=1 if retry else 0)
         try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+            response = send(request)
+        except self._httpx.TimeoutException:
+            self.stats.error("timeout")
+            log.debug("%s: attempt %d timed out", self.option, retry + 1)
+            raise
+        except self._httpx.TransportError as e:
+            self.stats.error("connection")
+            log.debug("%s: attempt %d: connection error: %s", self.option, retry + 1, self._mask(_short(e)))
+            raise
+        if response.status_code >= 400:
+            self.stats.error(str(response.status_code))
+            response.read()  # error bodies are small; the package reads them anyway
+            log.debug("%s: attempt %d: HTTP %d: %s", self.option, retry + 1, response.status_code,
+                      self._mask(_short(response.text)))
+        return response
 
     # -------------------------------------------------------------------------------------- chat
 
@@ -449,58 +487,45 @@ class ChatClient:
             return reply
 
     def _send(self, messages: list[dict[str, str]], params: dict[str, Any], fmt: str) -> Reply:
-        """One request with retries on transient failures; _Rejected on a 400/422 (format or request)."""
+        """One request, retried by the `openai` package on transient failures; what is left after its
+        retries is classified here: ConfigError (key, model or URL wrong), _Rejected (a 400/422: the format
+        or the request), LLMError transient or not."""
         oa = self._openai
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if self._closed.is_set():
-                raise LLMError("the client was closed", transient=True)
-            if attempt:
-                self.stats.add(retries=1)
-            self.stats.add(requests=1)
-            retry_after = None
-            try:
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, extra_body=self.extra_body or None, **params
-                )
-            except (oa.AuthenticationError, oa.PermissionDeniedError) as e:
-                self.stats.error(str(e.status_code))
-                raise ConfigError(
-                    f"{self.option}: {self.base_url or 'the OpenAI API'} refused the key from "
-                    f"${self.api_key_env} ({e.status_code}); check the key and base_url"
-                ) from None
-            except oa.NotFoundError:
-                self.stats.error("404")
-                raise ConfigError(
-                    f"{self.option}: model {self.model!r} or the chat endpoint was not found at "
-                    f"{self.base_url or 'the OpenAI API'} (404); check model and base_url"
-                ) from None
-            except (oa.BadRequestError, oa.UnprocessableEntityError) as e:
-                self.stats.error(str(e.status_code))
-                raise _Rejected(f"{e.status_code}: {self._mask(_short(e))}") from None
-            except oa.APITimeoutError:
-                self.stats.error("timeout")
-                last = "timed out"
-            except oa.APIConnectionError as e:
-                self.stats.error("connection")
-                last = f"connection error: {self._mask(_short(e))}"
-            except oa.APIStatusError as e:
-                self.stats.error(str(e.status_code))
-                if e.status_code not in _RETRY_STATUS and e.status_code < 500:
-                    raise LLMError(f"HTTP {e.status_code}: {self._mask(_short(e))}", transient=False) from None
-                last = f"HTTP {e.status_code}: {self._mask(_short(e))}"
-                retry_after = self._retry_after(e)
-            except oa.APIError as e:  # a 200 whose body is not a completion
-                self.stats.error("bad_response")
-                last = f"malformed response: {self._mask(_short(e))}"
-            else:
-                return self._reply(resp, fmt)
-            if attempt < self.max_retries:
-                delay = self._backoff(attempt, retry_after)
-                log.debug("oracle: %s; retry %d/%d in %.2fs", last, attempt + 1, self.max_retries, delay)
-                if self._closed.wait(delay):
-                    raise LLMError("the client was closed", transient=True)
-        raise LLMError(f"no reply after {self.max_retries + 1} attempt(s); last: {last}", transient=True)
+        if self._closed.is_set():
+            raise LLMError("the client was closed", transient=True)
+        tries = f"after {self.max_retries + 1} attempt(s)"
+        try:
+            resp = self._client.chat.completions.create(
+                model=self.model, messages=messages, extra_body=self.extra_body or None, **params
+            )
+        except _Closed:
+            raise LLMError("the client was closed", transient=True) from None
+        except (oa.AuthenticationError, oa.PermissionDeniedError) as e:
+            raise ConfigError(
+                f"{self.option}: {self.base_url or 'the OpenAI API'} refused the key from "
+                f"${self.api_key_env} ({e.status_code}); check the key and base_url"
+            ) from None
+        except oa.NotFoundError:
+            raise ConfigError(
+                f"{self.option}: model {self.model!r} or the chat endpoint was not found at "
+                f"{self.base_url or 'the OpenAI API'} (404); check model and base_url"
+            ) from None
+        except (oa.BadRequestError, oa.UnprocessableEntityError) as e:
+            raise _Rejected(f"{e.status_code}: {self._mask(_short(e))}") from None
+        except oa.APITimeoutError:
+            raise LLMError(f"no reply {tries}; last: timed out", transient=True) from None
+        except oa.APIConnectionError as e:
+            raise LLMError(f"no reply {tries}; last: connection error: {self._mask(_short(e))}",
+                           transient=True) from None
+        except oa.APIStatusError as e:
+            transient = e.status_code in _RETRY_STATUS or e.status_code >= 500
+            last = f"HTTP {e.status_code}: {self._mask(_short(e))}"
+            # a Retry-After beyond the package's two minutes is not retried at all: still "come back later"
+            raise LLMError(f"no reply {tries}; last: {last}" if transient else last, transient=transient) from None
+        except oa.APIError as e:  # a 200 whose body is not a completion
+            self.stats.error("bad_response")
+            raise LLMError(f"malformed response: {self._mask(_short(e))}", transient=True) from None
+        return self._reply(resp, fmt)
 
     def _reply(self, resp: Any, fmt: str) -> Reply:
         choices = getattr(resp, "choices", None) or []
@@ -531,6 +556,45 @@ class ChatClient:
 
 class _Rejected(Exception):
     """A 400/422: the server refused this request (maybe only its response_format)."""
+
+
+class _Closed(Exception):
+    """Raised inside the `openai` package's retry loop when the client was aborted (not an OpenAIError, so
+    the package passes it through instead of retrying it)."""
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header given in seconds (an HTTP date is left to the backoff)."""
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _openai_client(owner: ChatClient) -> type:
+    """`openai.OpenAI` with its pause between retries on the owner's schedule (`_sleep_for_retry` is the
+    package's one hook for it; the pin on `openai` in pyproject.toml covers its signature)."""
+    oa = owner._openai
+
+    class _Client(oa.OpenAI):  # type: ignore[misc, valid-type]
+        def _sleep_for_retry(self, *, retries_taken: int, max_retries: int, options: Any, response: Any) -> None:
+            owner._wait_before_retry(retries_taken, response.headers if response is not None else None)
+
+    return _Client
+
+
+def _counting_http_client(owner: ChatClient) -> Any:
+    """The package's default HTTP client (its timeouts, limits, redirects) whose `send` counts each
+    attempt. `send` rather than event hooks: hooks never see the attempts that fail before a response
+    (timeouts, refused connections), which the stats count by kind."""
+    oa = owner._openai
+
+    class _Http(oa.DefaultHttpxClient):  # type: ignore[misc, valid-type]
+        def send(self, request: Any, **kw: Any) -> Any:
+            return owner._attempt(request, lambda r: super(_Http, self).send(r, **kw))
+
+    return _Http()
 
 
 def _short(err: Any, limit: int = 300) -> str:
