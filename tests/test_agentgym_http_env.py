@@ -197,6 +197,43 @@ def test_a_step_is_only_resent_when_it_never_reached_the_server():
         env.step("inventory")
 
 
+def test_a_step_answered_5xx_after_it_was_applied_is_not_sent_again():
+    """A server that plays the action, then fails to answer (HTTP 500): re-sending would play it twice."""
+    game = TextCraftServer({})
+    applied = []
+
+    def applies_then_fails(method, path, query, body):
+        if path == "/step":
+            applied.append(body)
+            game(method, path, query, body)
+            return 500, {"detail": "Internal Server Error"}
+        return game(method, path, query, body)
+
+    with Server(applies_then_fails) as server:
+        env = AgentGymHTTPEnv(server.url, env="textcraft", retries=3, backoff=0.01)
+        env.reset(4)
+        with pytest.raises(AgentGymServerError, match="HTTP 500.*not re-sent") as e:
+            env.step("inventory")
+        assert len(applied) == 1 and [p for _, p, _, _ in server.calls].count("/step") == 1
+        assert server.url in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_503_on_reset_is_retried():
+    state = {"busy": 1}
+    game = TextCraftServer({})
+
+    def busy_once(method, path, query, body):
+        if path == "/reset" and state["busy"]:
+            state["busy"] -= 1
+            return 503, {"detail": "busy"}
+        return game(method, path, query, body)
+
+    with Server(busy_once) as server:
+        env = AgentGymHTTPEnv(server.url, env="textcraft", retries=2, backoff=0.01)
+        assert env.reset(4).startswith("Instruction:")
+        assert [p for _, p, _, _ in server.calls].count("/reset") == 2
+
+
 def test_unknown_env_lists_the_known_ones():
     with pytest.raises(ConfigError) as e:
         AgentGymHTTPEnv("http://127.0.0.1:1", env="alfworld_v9")

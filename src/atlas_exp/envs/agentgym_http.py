@@ -75,8 +75,10 @@ AgentGym's clients do, and released by `close()` on every server that has `/clos
 SciWorld: a JVM each); the LMRL-Gym, WebShop, tool and SQLGym servers have no such endpoint and keep every
 env they created until they stop (each client makes one, so an evaluation leaves `batch_size` per task).
 
-Transport: `requests`, retried with exponential backoff on connection errors and HTTP 5xx (a `/step` only
-when it cannot have reached the server); a server that cannot be reached at all is a `ConfigError` that
+Transport: a `requests` session whose adapter retries with urllib3's `Retry` (exponential backoff, Retry-After
+honoured) on connection errors, timeouts and HTTP 5xx; a `/step` has its own session that retries only
+connection failures, where the request surely never reached the server (a step answered 5xx, timed out or cut
+off mid-request may have been applied, and playing it twice would corrupt the episode); a server that cannot be reached at all is a `ConfigError` that
 names `base_url` and how to start the server. AgentGym's servers report env-side failures as HTTP 200 with
 `{"error": ...}`; those, 4xx answers and 5xx after the retries raise `AgentGymServerError`.
 """
@@ -86,7 +88,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -95,6 +96,8 @@ from typing import Any
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from atlas_exp.envs.base import Env, EpisodeSpec, StepResult, agentgym_action
 from atlas_exp.errors import AtlasError, ConfigError, DataError
@@ -493,9 +496,9 @@ class AgentGymHTTPEnv(Env):
             (`wordle.vocabulary()`), refusing others; "server" lists whatever the server has in the prompt, as
             AgentGym's client does (the published server's 40 words: not the prompt the model was trained on).
         timeout: seconds per HTTP request (300, as AgentGym's clients: a Movie step may wait out the TMDB
-            API). retries: attempts after the first on connection errors and HTTP 5xx, waiting
-            `backoff * 2**k` seconds (at most `max_backoff`) before each (a step is never re-sent once it may
-            have reached the server, see `_request`).
+            API). retries: attempts after the first on connection errors, timeouts and HTTP 5xx (urllib3's
+            `Retry`: `backoff * 2**k` seconds between them, at most `max_backoff`, or the server's
+            Retry-After); a step is re-sent only after a connection failure, see `_sessions`.
         max_steps: end an episode unfinished after this many steps (`info["truncated"]`); None leaves the
             episode length to the server and to the caller's turn cap.
 
@@ -545,7 +548,7 @@ class AgentGymHTTPEnv(Env):
         self._instruction = instruction
         self._data_record: dict[str, Any] | None = None
         self._data_by_id: dict[str, dict[str, Any]] | None = None
-        self._session = requests.Session()
+        self._session, self._once_session = self._sessions()
         self.env_id: Any = None
         #: Wordle: the server's vocabulary, fetched once per server env; SciWorld: its item offset from 1096
         self.server_vocab: tuple[str, ...] | None = None
@@ -618,45 +621,37 @@ class AgentGymHTTPEnv(Env):
         )
 
     def _request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
-                 allow_404: bool = False, retries: int | None = None) -> Any:
+                 allow_404: bool = False, resend: bool = True) -> Any:
         """One API call: JSON result; `{"error": ...}` raised as AgentGymServerError.
 
-        Retried with backoff on HTTP 5xx and on connection errors, except that a `/step` is re-sent only
-        when it surely never reached the server (connection refused / not established): a step that timed
-        out or whose connection broke mid-request may have been applied, and playing it twice would
-        corrupt the episode.
+        The retries are the sessions' (`_sessions`): a `/step`, or a call with `resend=False`, is re-sent
+        only when it surely never reached the server (connection refused / not established).
         """
         url = self._url(path)
-        last: object = None
-        attempts = (self.retries if retries is None else retries) + 1
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
-            try:
-                resp = self._session.request(
-                    method, url, json=body, params=params, timeout=self.timeout
-                )
-            except (requests.ConnectionError, requests.Timeout) as e:
-                if path == "/step" and not _never_sent(e):
-                    raise AgentGymServerError(
-                        f"POST {url} failed after the request was sent ({type(e).__name__}: {_excerpt(str(e), 200)}); "
-                        f"not re-sent, as the server may have applied the action (timeout={self.timeout:g}s)"
-                    ) from None
-                last = e
-                log.debug("%s %s failed (%s), attempt %d/%d", method, url, e, attempt + 1, attempts)
-                continue
-            if resp.status_code >= 500:
-                last = resp
-                log.debug("%s %s answered %d, attempt %d/%d", method, url, resp.status_code, attempt + 1, attempts)
-                continue
-            break
-        else:
-            if isinstance(last, requests.Response):
+        once = path == "/step" or not resend
+        attempts = self.retries + 1
+        try:
+            resp = (self._once_session if once else self._session).request(
+                method, url, json=body, params=params, timeout=self.timeout
+            )
+        except (requests.ConnectionError, requests.Timeout) as e:
+            if once and not _never_sent(e):
                 raise AgentGymServerError(
-                    f"{method} {url} answered HTTP {last.status_code} {attempts} times in a row "
-                    f"(AgentGym {self.name} server at base_url={self.base_url!r}): {_excerpt(last.text)}"
-                )
-            raise self._unreachable(url, attempts, last)
+                    f"{method} {url} failed after the request was sent ({type(e).__name__}: {_excerpt(str(e), 200)}); "
+                    f"not re-sent, as the server may have applied the action (timeout={self.timeout:g}s)"
+                ) from None
+            raise self._unreachable(url, attempts, e) from None
+        if resp.status_code >= 500 and once:
+            raise AgentGymServerError(
+                f"{method} {url} answered HTTP {resp.status_code} (AgentGym {self.name} server at "
+                f"base_url={self.base_url!r}); not re-sent, as the server may have applied the action: "
+                f"{_excerpt(resp.text)}"
+            )
+        if resp.status_code >= 500:
+            raise AgentGymServerError(
+                f"{method} {url} answered HTTP {resp.status_code} {attempts} times in a row "
+                f"(AgentGym {self.name} server at base_url={self.base_url!r}): {_excerpt(resp.text)}"
+            )
         if resp.status_code == 404 and allow_404:
             return None
         if resp.status_code == 404:
@@ -912,7 +907,7 @@ class AgentGymHTTPEnv(Env):
         """Release the server-side env where the server can (best effort: a server already gone is fine)."""
         if self.env_id is not None and self.dialect.close_path is not None:
             try:
-                self._request("POST", self.dialect.close_path, body=self._ids(), allow_404=True, retries=0)
+                self._request("POST", self.dialect.close_path, body=self._ids(), allow_404=True, resend=False)
             except (AtlasError, requests.RequestException) as e:
                 log.warning("%r: close failed: %s", self, e)
         self.env_id = None
@@ -920,7 +915,26 @@ class AgentGymHTTPEnv(Env):
         self._sciworld_shift = None
         self._started = False
         self._session.close()
-        self._session = requests.Session()  # a closed env may be reset again (it then creates a new one)
+        self._once_session.close()
+        self._session, self._once_session = self._sessions()  # a closed env may be reset again (it then creates a new one)
+
+    def _sessions(self) -> tuple[requests.Session, requests.Session]:
+        """(every call but `/step`, `/step`): urllib3 `Retry` adapters. Both retry connection failures
+        (nothing was sent); only the first retries timeouts, broken responses and 5xx answers, which a step
+        may have been applied behind."""
+        common = dict(total=self.retries, connect=self.retries, other=0, allowed_methods=None,
+                      backoff_factor=self.backoff, backoff_max=self.max_backoff, raise_on_status=False,
+                      respect_retry_after_header=True)
+        resend = Retry(read=self.retries, status=self.retries, status_forcelist=range(500, 600), **common)
+        once = Retry(read=0, status=0, **common)
+        sessions = []
+        for retry in (resend, once):
+            session = requests.Session()
+            adapter = HTTPAdapter(max_retries=retry)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            sessions.append(session)
+        return sessions[0], sessions[1]
 
 
 def _names_data_item(episode: EpisodeSpec | int | str) -> bool:
