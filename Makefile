@@ -78,10 +78,10 @@ ablation-cpu: setup
 TEXTCRAFT := experiment=cpu_textcraft
 ablation-textcraft: setup
 	$(PY) -m atlas_exp.plan $(TEXTCRAFT) $(ARGS)
-	( OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=1 selector=oracle,all,perplexity_delta,perplexity,random,non_critical_oracle ratio=0.3 $(ARGS) && \
-	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=1 selector=oracle,perplexity_delta ratio=0.1,0.5 $(ARGS) ) & p1=$$!; \
-	( OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=all,oracle,non_critical_oracle,random ratio=0.3 $(ARGS) && \
-	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=oracle ratio=0.1,0.5 $(ARGS) && \
+	( OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=1 selector=oracle,all,excess_loss,perplexity_delta,perplexity,random,non_critical_oracle ratio=0.3 $(ARGS) && \
+	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=1 selector=oracle,perplexity_delta,excess_loss ratio=0.1,0.5 $(ARGS) ) & p1=$$!; \
+	( OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=all,oracle,excess_loss,non_critical_oracle,random ratio=0.3 $(ARGS) && \
+	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=oracle,excess_loss ratio=0.1,0.5 $(ARGS) && \
 	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=perplexity_delta,perplexity ratio=0.3 $(ARGS) && \
 	  OMP_NUM_THREADS=1 $(PY) -m atlas_exp $(TEXTCRAFT) seed=2 selector=perplexity_delta ratio=0.1,0.5 $(ARGS) ) & p2=$$!; \
 	wait $$p1; r1=$$?; wait $$p2; r2=$$?; test $$r1 -eq 0 && test $$r2 -eq 0
