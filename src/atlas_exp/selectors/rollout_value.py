@@ -278,6 +278,7 @@ class RolloutValueSelector(Selector):
         self._counts: Counter[str] = Counter()
         self._ends: Counter[str] = Counter()
         self._tokens0: dict[str, int] | None = None
+        self._tokens_at_close: dict[str, int] = {}
         self._seconds = 0.0
 
     # ---- identity and cache
@@ -347,6 +348,7 @@ class RolloutValueSelector(Selector):
 
     def close(self) -> None:
         if self._policy is not None and _is_config(self._policy_spec):
+            self._tokens_at_close = _tokens(self._policy)  # stats() is read after close (the select stage does)
             self._policy.close()
             self._policy = None
         if self._cache is not None:
@@ -534,7 +536,7 @@ class RolloutValueSelector(Selector):
 
     def stats(self) -> dict[str, Any]:
         c = self._counts
-        tok = _tokens(self._policy) if self._policy is not None else {}
+        tok = _tokens(self._policy) if self._policy is not None else self._tokens_at_close
         base = self._tokens0 or {}
         rolled = c["points_rolled"]
         out: dict[str, Any] = {
