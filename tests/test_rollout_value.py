@@ -12,9 +12,10 @@ from atlas_exp.data.importers import from_agentgym
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
 from atlas_exp.errors import ConfigError, DataError
+from atlas_exp.eval.restore import episode_for, recording
 from atlas_exp.eval.rollout import EnvPool, EpisodeStart, EpisodeTask, PrefixMismatch, replay, run_episodes
 from atlas_exp.selectors.base import n_to_select
-from atlas_exp.selectors.rollout_value import RolloutValueSelector, episode_for, recording, seeded_top_k
+from atlas_exp.selectors.rollout_value import RolloutValueSelector, seeded_top_k
 
 # ------------------------------------------------------------------------------------------ a tiny env
 

@@ -25,18 +25,13 @@ Definitions, for a trajectory of n expert steps 0..n-1 (step k answers observati
   added. The top `n_to_select(n, ratio)` steps are selected; equal advantages are ordered by a seeded random
   rank (seed, trajectory id), never by position, so ties do not favour early or late steps.
 
-Restoring. Our envs are deterministic given the item and the actions; this is checked, not assumed: before
-any rollout every trajectory is replayed in full and each observation compared with the recorded one
-(whitespace aside; for envs in `observation_match: unordered`, ScienceWorld by default, also the order of
-lines and of words in a line, since AgentGym's ScienceWorld listed objects in a random order), and every
-rollout's own replay checks them again (`eval/rollout.py` `EpisodeStart`).
-The episode is found from the trajectory: TextCraft from its first observation (goal and recipes), BabyAI
-and ScienceWorld from their AgentGym item id (`babyai_12`, `sciworld_3`), ALFWorld from the game file in
-its meta (`game_file`) or its id; an env object with an `episode_for_trajectory(id, first_observation,
-meta)` method decides for itself (plugins, tests). A trajectory that cannot be restored (no item id, an
-env not configured or not installed, a differing observation, an episode that ends before the recording
-does, tool-call turns) is an error naming the trajectory and step with `on_failure: error`, else the seeded
-random baseline (`random`) or every step (`all`); counted in the summary (`failed`, `fallback_*`) either way.
+Restoring (`eval/restore.py`): the episode is found from the trajectory (TextCraft's first observation, an
+AgentGym item id, ALFWorld's `game_file`), and before any rollout every trajectory is replayed in full, each
+observation compared with the recorded one (`observation_match`); every rollout's own replay checks them again.
+A trajectory that cannot be restored (no item id, an env not configured or not installed, a differing
+observation, an episode that ends before the recording does, tool-call turns) is an error naming the
+trajectory and step with `on_failure: error`, else the seeded random baseline (`random`) or every step
+(`all`); counted in the summary (`failed`, `fallback_*`) either way.
 
 Cost: every restart point plays `rollouts` episodes of up to `max_turns` policy replies, each after a replay
 of k expert actions (env steps are cheap; generation is the cost). All restart points of a chunk of
@@ -63,18 +58,19 @@ from typing import Any, Callable
 from atlas_exp.artifacts import fingerprint
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.envs.base import Env, EpisodeSpec
-from atlas_exp.errors import AtlasError, ConfigError, DataError
-from atlas_exp.eval.rollout import (
-    EnvPool,
-    EpisodeResult,
-    EpisodeStart,
-    EpisodeTask,
-    PrefixMismatch,
-    replay,
-    run_episodes,
-)
+from atlas_exp.errors import ConfigError, DataError
+from atlas_exp.eval.restore import NotRestorable, Recording, describe_failure, recording, replay_recording
+from atlas_exp.eval.rollout import EnvPool, EpisodeResult, EpisodeTask, run_episodes
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select
 from atlas_exp.selectors.random_steps import RandomSelector
+from atlas_exp.selectors.rollout_policy import (
+    build_policy,
+    check_policy_option,
+    is_config,
+    plain,
+    policy_identity,
+    token_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,110 +78,6 @@ ON_FAILURE = ("random", "all", "error")
 VALUES = ("success", "score")
 #: version of the cache records; bump when what a record means changes
 CACHE_VERSION = 1
-
-
-class NotRestorable(AtlasError):
-    """A trajectory whose env state cannot be rebuilt; `step` is the recorded step at fault (-1: reset)."""
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
-
-
-# --------------------------------------------------------------------------------------------------
-# what a trajectory records, and how its episode is found
-
-
-@dataclass
-class Recording:
-    """A trajectory as the env saw it: the conversation, the expert's replies and the observations.
-
-    `observations[k]` is the text step k answers (k = 0..n-1), `observations[n]` the one after the last step
-    when recorded. `history(k)` is the conversation up to observation k: what the policy continues from s_k.
-    """
-
-    messages: list[dict[str, str]]
-    step_index: list[int]
-    replies: list[str]
-    observations: list[str]
-
-    def history(self, k: int) -> tuple[dict[str, str], ...]:
-        if k < len(self.step_index):
-            return tuple(self.messages[: self.step_index[k]])
-        return tuple(self.messages)
-
-
-def recording(traj: Trajectory) -> Recording:
-    """The recording of a ReAct trajectory; NotRestorable when its turns are not reply/observation pairs."""
-    msgs = traj.messages
-    if any(m.role == "tool" or getattr(m, "tool_calls", None) for m in msgs):
-        raise NotRestorable("it has tool-call turns; only ReAct text trajectories (reply, observation) are replayed")
-    idx = traj.step_message_index()
-    if not idx:
-        raise NotRestorable("it has no steps")
-    if idx[0] == 0 or msgs[idx[0] - 1].role != "user":
-        raise NotRestorable("its first step does not answer an observation (a user turn)", step=0)
-    observations = [msgs[idx[0] - 1].content]
-    for k, i in enumerate(idx):
-        end = idx[k + 1] if k + 1 < len(idx) else len(msgs)
-        between = msgs[i + 1 : end]
-        if k + 1 < len(idx) and (len(between) != 1 or between[0].role != "user"):
-            raise NotRestorable(f"the turns after step {k} are not one observation (user turn)", step=k)
-        if k + 1 == len(idx) and between:
-            if len(between) != 1 or between[0].role != "user":
-                raise NotRestorable(f"the turns after the last step ({k}) are not one observation", step=k)
-        if between:
-            observations.append(between[0].content)
-    return Recording(
-        messages=[{"role": m.role, "content": m.content} for m in msgs],
-        step_index=idx,
-        replies=[msgs[i].content for i in idx],
-        observations=observations,
-    )
-
-
-def _textcraft(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    from atlas_exp.envs.textcraft import TextCraftEpisode
-
-    return TextCraftEpisode.from_observation(first, id=traj.id)
-
-
-def _babyai(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    from atlas_exp.envs.babyai import BabyAIEpisode
-
-    return BabyAIEpisode.from_item(traj.id)
-
-
-def _sciworld(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    from atlas_exp.envs.sciworld import SciWorldEpisode
-
-    return SciWorldEpisode.from_item(traj.id)
-
-
-def _alfworld(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    from atlas_exp.envs.alfworld import AlfworldEpisode
-
-    return AlfworldEpisode.from_id(str(traj.meta.get("game_file") or traj.id), getattr(env, "split", None))
-
-
-#: env name -> how a trajectory names its episode (trajectory, recorded first observation, env)
-EPISODE_RULES: dict[str, Callable[[Trajectory, str, Env], EpisodeSpec]] = {
-    "textcraft": _textcraft, "babyai": _babyai, "sciworld": _sciworld, "alfworld": _alfworld,
-}
-
-
-def episode_for(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    """The episode of `env` a trajectory was recorded in (see the module docstring); NotRestorable if none."""
-    hook = getattr(env, "episode_for_trajectory", None)
-    try:
-        if hook is not None:
-            return hook(traj.id, first, dict(traj.meta))
-        rule = EPISODE_RULES.get(traj.env)
-        if rule is None:
-            raise NotRestorable(f"no rule finds the {traj.env!r} episode of a trajectory (known: {', '.join(EPISODE_RULES)})")
-        return rule(traj, first, env)
-    except (DataError, ConfigError, ValueError) as e:
-        raise NotRestorable(f"its {traj.env} episode cannot be found from the trajectory: {e}", step=-1) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,8 +143,6 @@ class RolloutValueSelector(Selector):
             raise ConfigError(f"selector.value must be one of {VALUES}, got {value!r}")
         if on_failure not in ON_FAILURE:
             raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-        if policy is None:
-            raise ConfigError("selector.policy is missing: a policy config (conf/policy/*.yaml) or a Policy object")
         self.value = value
         self.batch_size = _int_option("batch_size", batch_size)
         self.chunk_size = _int_option("chunk_size", chunk_size)
@@ -260,18 +150,16 @@ class RolloutValueSelector(Selector):
         self.cache_dir = str(cache_dir)
         self.use_cache = bool(cache)
         self.progress = bool(progress)
-        self.model_cfg = _plain(model) if model is not None else {}
+        self.model_cfg = plain(model) if model is not None else {}
         self.envs = dict(envs or {})
         self.match = {str(k): str(v) for k, v in (observation_match or {}).items()}
         for env, m in self.match.items():
             if m not in ("exact", "unordered"):
                 raise ConfigError(f"selector.observation_match.{env}={m!r}: exact or unordered")
+        check_policy_option(policy)
         self._policy_spec = policy
-        self._policy: Any = None if _is_config(policy) else policy
-        if _is_config(policy) and str(_plain(policy).get("model", "")) == "run":
-            raise ConfigError("selector.policy.model=run: the select stage runs before training, so there is no "
-                              "trained model yet; use base (the default) or a model folder / Hub name")
-        self.identity = self._identity()
+        self._policy: Any = None if is_config(policy) else policy
+        self.identity = policy_identity(policy, self.temperature, self.model_cfg)
         self._cache: Any = None
         self._fallback = RandomSelector(ratio=self.ratio, seed=self.seed)
         self._env_errors: dict[str, str] = {}
@@ -281,29 +169,13 @@ class RolloutValueSelector(Selector):
         self._tokens_at_close: dict[str, int] = {}
         self._seconds = 0.0
 
-    # ---- identity and cache
-
-    def _identity(self) -> dict[str, Any]:
-        """What the rollouts' outcomes depend on, besides the trajectory: the policy as configured (less the
-        options that do not change replies), the base model it loads, the temperature."""
-        if not _is_config(self._policy_spec):
-            describe = getattr(self._policy_spec, "describe", None)
-            return {"policy": describe() if describe else type(self._policy_spec).__name__, "temperature": self.temperature}
-        pol = _plain(self._policy_spec)
-        cls = _class_of(pol)
-        for key in getattr(cls, "reply_neutral", ()):
-            pol.pop(key, None)
-        pol["temperature"] = self.temperature
-        out: dict[str, Any] = {"policy": pol}
-        if getattr(cls, "loads_base_model", False) and pol.get("model") == "base":
-            out["base_model"] = self.model_cfg
-        return out
+    # ---- cache
 
     def _key(self, plan: _Plan, k: int) -> str:
         env_cfg = self.envs.get(plan.traj.env)
         return fingerprint(
             "rollout-value", CACHE_VERSION, plan.traj.id, plan.traj.content_hash(), k, self.identity, self.rollouts,
-            self.seed, self._turn_cap(plan.traj.env), _plain(env_cfg) if _is_config(env_cfg) else repr(env_cfg),
+            self.seed, self._turn_cap(plan.traj.env), plain(env_cfg) if is_config(env_cfg) else repr(env_cfg),
             self.match.get(plan.traj.env, "exact"),
         )
 
@@ -327,7 +199,7 @@ class RolloutValueSelector(Selector):
         spec = self.envs.get(env)
         if spec is None:
             raise NotRestorable(f"selector.envs has no entry for env {env!r} (it has {', '.join(self.envs) or 'none'})")
-        if callable(spec) and not _is_config(spec):
+        if callable(spec) and not is_config(spec):
             return spec
         from atlas_exp.config import build
 
@@ -336,19 +208,14 @@ class RolloutValueSelector(Selector):
     def policy(self) -> Any:
         """The rollout policy, built on first use (a fully cached selection never loads a model)."""
         if self._policy is None:
-            from atlas_exp.config import build
-            from atlas_exp.eval.policy import Policy, PolicyContext
-
-            ctx = PolicyContext(model_cfg=self.model_cfg, run_model_dir=Path(self.cache_dir) / "no-trained-model",
-                                cache_dir=self.cache_dir, seed=self.seed)
-            self._policy = build(self._policy_spec, "selector.policy", Policy, context=ctx, temperature=self.temperature)
+            self._policy = build_policy(self._policy_spec, self.model_cfg, self.cache_dir, self.seed, self.temperature)
         if self._tokens0 is None:
-            self._tokens0 = _tokens(self._policy)
+            self._tokens0 = token_counts(self._policy)
         return self._policy
 
     def close(self) -> None:
-        if self._policy is not None and _is_config(self._policy_spec):
-            self._tokens_at_close = _tokens(self._policy)  # stats() is read after close (the select stage does)
+        if self._policy is not None and is_config(self._policy_spec):
+            self._tokens_at_close = token_counts(self._policy)  # stats() is read after close (the select stage does)
             self._policy.close()
             self._policy = None
         if self._cache is not None:
@@ -370,20 +237,10 @@ class RolloutValueSelector(Selector):
             raise NotRestorable(self._env_errors[traj.env]) from None
         broken = False  # an env that raised is replaced; one that disagreed with the recording is still sound
         try:
-            spec = episode_for(traj, rec.observations[0], env)
-            first = env.reset(spec)
-            start = EpisodeStart(history=(), replies=tuple(rec.replies), observations=tuple(rec.observations),
-                                 match=self.match.get(traj.env, "exact"))
-            results = replay(env, first, start, stop_at_done=True)
-        except NotRestorable:
+            spec, results = replay_recording(env, traj, rec, self.match.get(traj.env, "exact"))
+        except NotRestorable as e:
+            broken = e.env_failed
             raise
-        except PrefixMismatch as e:
-            raise NotRestorable(f"replaying it: {e}", step=e.step) from None
-        except AtlasError as e:
-            raise NotRestorable(str(e)) from None
-        except Exception as e:
-            broken = True
-            raise NotRestorable(f"replaying it, the env raised {type(e).__name__}: {e}") from None
         finally:
             (pool.discard if broken else pool.release)(traj.env, env)
         self._counts["env_steps_check"] += len(results)
@@ -394,14 +251,6 @@ class RolloutValueSelector(Selector):
             final = {"success": float(bool(last.success)),
                      "score": 1.0 if last.success else min(max(float(last.info.get("score", 0.0)), 0.0), 1.0)}
         return _Plan(i, traj, spec, rec, final, last.observation, played=len(results))
-
-    def _start(self, plan: _Plan, k: int) -> EpisodeStart:
-        rec = plan.rec
-        history = rec.history(k)
-        if k == len(rec.replies) and len(rec.observations) == k:  # the last observation was not recorded
-            history = history + ({"role": "user", "content": plan.last_obs},)
-        return EpisodeStart(history=history, replies=tuple(rec.replies[:k]), observations=tuple(rec.observations[: k + 1]),
-                            match=self.match.get(plan.traj.env, "exact"))
 
     # ---- selection
 
@@ -425,7 +274,7 @@ class RolloutValueSelector(Selector):
                 try:
                     plans[j] = self._plan(offset + j, traj, pool, factories)
                 except NotRestorable as e:
-                    failures[j] = _where(traj, e)
+                    failures[j] = describe_failure(traj, e)
                     if self.on_failure == "error":
                         raise DataError(f"{failures[j]} (set selector.on_failure=random|all to fall back)",
                                         source=f"selector=rollout_value trajectory {traj.id!r}") from None
@@ -461,7 +310,7 @@ class RolloutValueSelector(Selector):
 
             policy = self.policy()
             names = {f"{plan.index}/{k}": (plan, k) for plan, k in todo}
-            tasks = [EpisodeTask(name, plan.spec, start=self._start(plan, k), pool=plan.traj.env)
+            tasks = [EpisodeTask(name, plan.spec, start=plan.rec.start(k, plan.last_obs, self.match.get(plan.traj.env, "exact")), pool=plan.traj.env)
                      for name, (plan, k) in names.items() for _ in range(self.rollouts)]
             pending: dict[str, list[EpisodeResult]] = {name: [] for name in names}
             caps = {name: self._turn_cap(plan.traj.env) for name, (plan, _) in names.items()}
@@ -536,7 +385,7 @@ class RolloutValueSelector(Selector):
 
     def stats(self) -> dict[str, Any]:
         c = self._counts
-        tok = _tokens(self._policy) if self._policy is not None else self._tokens_at_close
+        tok = token_counts(self._policy) if self._policy is not None else self._tokens_at_close
         base = self._tokens0 or {}
         rolled = c["points_rolled"]
         out: dict[str, Any] = {
@@ -557,7 +406,7 @@ class RolloutValueSelector(Selector):
 
     def postfix(self) -> dict[str, Any]:
         c = self._counts
-        tok = _tokens(self._policy) if self._policy is not None else {}
+        tok = token_counts(self._policy) if self._policy is not None else {}
         return {"points": c["points_rolled"], "cached": c["points_cached"],
                 "env_steps": c["env_steps_replay"] + c["env_steps_rollout"],
                 "tokens": tok.get("completion_tokens", 0) - (self._tokens0 or {}).get("completion_tokens", 0)}
@@ -573,42 +422,7 @@ def seeded_top_k(scores: Sequence[float], k: int, seed: int, traj_id: str) -> se
     return set(order[:k])
 
 
-def _where(traj: Trajectory, e: NotRestorable) -> str:
-    step = "" if e.step is None else (" at reset" if e.step < 0 else f" at step {e.step}")
-    return f"trajectory {traj.id!r} ({traj.env}) cannot be restored{step}: {e}"
-
-
-def _tokens(policy: Any) -> dict[str, int]:
-    stats = getattr(policy, "stats", None)
-    if not isinstance(stats, Mapping):
-        return {}
-    return {k: int(stats.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-
-
 def _int_option(option: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"selector.{option} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _is_config(x: Any) -> bool:
-    from omegaconf import DictConfig
-
-    return isinstance(x, (DictConfig, dict))
-
-
-def _plain(x: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(x, DictConfig):
-        return OmegaConf.to_container(x, resolve=True)  # type: ignore[return-value]
-    return dict(x)
-
-
-def _class_of(pol: dict[str, Any]) -> type | None:
-    from hydra.utils import get_class
-
-    try:
-        return get_class(str(pol.get("_target_", "")))
-    except Exception:
-        return None
