@@ -31,15 +31,10 @@ from fakes.agentgym import (
     sciworld_games,
 )
 
-from atlas_exp.envs.agentgym_http import (
-    DIALECTS,
-    AgentGymHTTPEnv,
-    AgentGymItem,
-    AgentGymServerError,
-    action_from_reply,
-    item_index,
-    sciworld_task_key,
-)
+from atlas_exp.envs.agentgym.dialect import DIALECTS, action_from_reply
+from atlas_exp.envs.agentgym.env import AgentGymHTTPEnv
+from atlas_exp.envs.agentgym.items import AgentGymItem, item_index, sciworld_task_key
+from atlas_exp.envs.agentgym.transport import AgentGymServerError
 from atlas_exp.envs.babyai import BabyAIEnv
 from atlas_exp.envs.base import Env, EpisodeSpec
 from atlas_exp.envs.maze import MazeEnv

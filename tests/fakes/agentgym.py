@@ -324,7 +324,7 @@ class LmrlgymServer:
 def sciworld_games(*, with_2_3: bool = True, names: str = "1.1") -> list[tuple[str, int]]:
     """AgentGym's SciWorld item table: (task name, variation) over the tasks in ScienceWorld's order, 2-3
     listed (today's server) or not (AgentTraj-L's), with 1.1-style or 1.0.2-style task names."""
-    from atlas_exp.envs.agentgym_http import sciworld_task_key
+    from atlas_exp.envs.agentgym.items import sciworld_task_key
 
     tasks = [(t.key, t.name, t.n_variations) for t in TASKS]
     if with_2_3:
