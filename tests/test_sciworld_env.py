@@ -17,18 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from atlas_exp.envs.sciworld import (
-    DEFAULT_ENV_STEP_LIMIT,
-    DEFAULT_MAX_STEPS,
-    INSTRUCTION,
-    NO_KNOWN_ACTION,
-    TASKS,
-    SciWorldEnv,
-    SciWorldEpisode,
-    item_space,
-    n_items,
-    task_split,
-)
+from atlas_exp.envs.sciworld import DEFAULT_ENV_STEP_LIMIT, DEFAULT_MAX_STEPS, INSTRUCTION, NO_KNOWN_ACTION, SciWorldEnv
+from atlas_exp.envs.sciworld_items import TASKS, SciWorldEpisode, item_space, n_items, task_split
 from atlas_exp.errors import ConfigError, DataError
 
 #: replay every 15th record of each task (in item order): 149 of the 2,120 trajectories, all 22 tasks

@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from atlas_exp.envs.maze import FAILURE, STARTS, SUCCESS, MazeEnv
-from atlas_exp.envs.sciworld import TASKS
+from atlas_exp.envs.sciworld_items import TASKS
 from atlas_exp.envs.textcraft import (
     OBS_PREFIX,
     TextCraftEnv,

@@ -110,7 +110,7 @@ def _babyai(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
 
 
 def _sciworld(traj: Trajectory, first: str, env: Env) -> EpisodeSpec:
-    from atlas_exp.envs.sciworld import SciWorldEpisode
+    from atlas_exp.envs.sciworld_items import SciWorldEpisode
 
     return SciWorldEpisode.from_item(traj.id)
 

@@ -127,7 +127,7 @@ SCIWORLD_EXTRA_TASK = ("measure-melting-point-unknown-substance", 300)
 
 def sciworld_split_item() -> int:
     """The first data item after task 2-2 (1096): where the two item layouts part."""
-    from atlas_exp.envs.sciworld import TASKS
+    from atlas_exp.envs.sciworld_items import TASKS
 
     keys = [t.key for t in TASKS]
     return sum(t.n_variations for t in TASKS[: keys.index("2-2") + 1])
@@ -135,7 +135,7 @@ def sciworld_split_item() -> int:
 
 def sciworld_expected(index: int) -> tuple[str, int]:
     """(task key, variation) of AgentTraj-L's item `sciworld_<index>`; a ConfigError for an item it lacks."""
-    from atlas_exp.envs.sciworld import SciWorldEpisode
+    from atlas_exp.envs.sciworld_items import SciWorldEpisode
 
     try:
         ep = SciWorldEpisode.from_item(index)
