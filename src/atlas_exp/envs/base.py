@@ -20,7 +20,7 @@ the current TextCraft and BabyAI clients take only the line after `Action:`, str
 reply with two markers. The data show the 2024 rule at work (18 BabyAI and 2 TextCraft turns whose action
 ran over two lines, and BabyAI's "go to purple box 1.", got the game's answer to the text as sent: "not
 recognized", "could not find a valid recipe"; the trajectories go on from those answers), so a model trained on them learned that feedback. Every env here
-therefore keeps the data's rule, and an AgentGym HTTP env (`envs/agentgym_http.py`) parses exactly as the
+therefore keeps the data's rule, and an AgentGym HTTP env (`envs/agentgym/dialect.py`) parses exactly as the
 in-process env of the same name:
 
 | env | extraction | no `Action:` |

@@ -290,7 +290,7 @@ def reply_action(reply: str) -> str:
     text after the last `Action:` (before any `Instruction:`), or the *whole* reply when there is no `Action:`
     (the data hold such a turn, answered "Could not execute Thought4 strings are ..."); then `clean_action`,
     which also glues the lines of a multi-line action together (as in the data). Never None. The HTTP client
-    (`envs/agentgym_http.py`) uses this very function."""
+    (`envs/agentgym/dialect.py`) uses this very function."""
     return clean_action(reply.split("Instruction:")[0].split("Action:")[-1])
 
 
