@@ -332,3 +332,48 @@ def test_steps_after_the_episode_ended_get_the_outcome(tmp_path):
     assert s.meta["values"] == [0.0, 1.0, 1.0, 1.0] and s.meta["steps_after_end"] == 1
     assert [c.score for c in s.steps] == [1.0, 0.0, 0.0] and s.selected_steps == [0]
     assert sel.stats()["restart_points"] == 2 and sel.stats()["steps_after_end"] == 1
+
+
+# ------------------------------------------------------------------------------------------ the app, a real policy
+
+
+def test_app_select_stage_reports_the_tokens_the_policy_built_from_config_counted(smollm2_dir, tmp_path, monkeypatch):
+    """The app's select stage with `selector=rollout_value` and its default `policy: hf` (conf/policy/hf.yaml,
+    model=base: SmolLM2-135M, built by the selector from that config), the line env built from
+    `selector.envs.line`: two trajectories, 2 + 3 restart points, 1 rollout of 1 turn each. The stage reads the
+    selector's stats after closing it, so the summary's token counts must be the ones the policy held when it
+    was closed (they were 0 before the selector kept them across close())."""
+    from conftest import TEST_CACHE
+
+    from atlas_exp.artifacts import write_jsonl
+    from atlas_exp.config import compose
+    from atlas_exp.eval.policy import HFPolicy
+    from atlas_exp.run_dir import RunDir
+    from atlas_exp.selectors.stage import run_select_stage
+
+    trajs = [line_traj(["up", "up"], id="line_won"), line_traj(["stay", "up"], id="line_unfinished")]
+    rd = tmp_path / "run"
+    write_jsonl(rd / "trajectories.jsonl", (t.to_dict() for t in trajs))
+    counted: list[dict[str, int]] = []
+    close = HFPolicy.close
+
+    def counting_close(self):
+        counted.append({k: self.stats[k] for k in ("replies", "prompt_tokens", "completion_tokens")})
+        close(self)
+
+    monkeypatch.setattr(HFPolicy, "close", counting_close)
+    cfg = compose([f"run_dir={rd}", f"cache_dir={TEST_CACHE}", "logger=none", "selector=rollout_value",
+                   f"+selector.envs.line._target_={__name__}.LineEnv", "selector.rollouts=1", "selector.max_turns=1",
+                   "selector.cache=false", "selector.progress=false", "selector.policy.max_new_tokens=8"])
+    assert cfg.selector.policy._target_ == "atlas_exp.eval.policy.HFPolicy" and cfg.selector.policy.model == "base"
+    run_select_stage(cfg, RunDir(rd))
+
+    summary = json.loads((rd / "selection_summary.json").read_text())
+    st = summary["selector_stats"]
+    assert summary["selector"] == "rollout_value" and summary["n_trajectories"] == 2
+    assert (st["ok"], st["failed"], st["restart_points"], st["points_rolled"], st["rollouts"]) == (2, 0, 5, 5, 5)
+    assert counted == [{"replies": 5, "prompt_tokens": counted[0]["prompt_tokens"],
+                        "completion_tokens": counted[0]["completion_tokens"]}]  # built once, closed once
+    assert st["prompt_tokens"] == counted[0]["prompt_tokens"] > 0
+    assert st["completion_tokens"] == counted[0]["completion_tokens"] > 0
+    assert st["completion_tokens"] <= 5 * 8 and st["policy_turns"] == 5  # 5 replies of at most max_new_tokens
