@@ -23,8 +23,9 @@ import torch
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError
 from atlas_exp.selectors.base import n_to_select, top_k
-from atlas_exp.selectors.perplexity import PerplexitySelector, select_global
+from atlas_exp.selectors.perplexity import PerplexitySelector
 from atlas_exp.selectors.span_scorer import ScoredSeq, SpanScorer
+from atlas_exp.selectors.step_scores import select_global
 from atlas_exp.train.turn_spans import tokenize_trajectory
 from conftest import REPO, TEST_CACHE
 from helpers import read_agentgym

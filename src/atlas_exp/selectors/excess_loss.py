@@ -51,7 +51,8 @@ from atlas_exp.errors import ConfigError
 from atlas_exp.models import ModelSpec
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
 from atlas_exp.selectors.model_pool import is_adapter_dir, model_spec
-from atlas_exp.selectors.perplexity import SCOPES, PerplexitySelector, select_global
+from atlas_exp.selectors.perplexity import PerplexitySelector
+from atlas_exp.selectors.step_scores import SCOPES, select_global
 
 #: the score of a step with a non-finite loss under either model. Excess losses can be negative, so it is
 #: far below any real one (a difference of two mean cross-entropies), and stays valid JSON (not -inf)

@@ -84,68 +84,37 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from atlas_exp.artifacts import fingerprint
-from atlas_exp.data.trajectory import Message, Trajectory
+from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.device import get_device, get_dtype
-from atlas_exp.errors import ConfigError, TemplateError
+from atlas_exp.errors import ConfigError
 from atlas_exp.selectors.base import Selection, Selector, StepChoice, n_to_select, top_k
 from atlas_exp.selectors.model_pool import SCORING_MODELS, adapter_identity, is_adapter_dir, model_spec
 from atlas_exp.selectors.span_scorer import ScoredSeq, SpanScorer
+from atlas_exp.selectors.step_scores import StepScores, check_scope, positive_int, select_global
+from atlas_exp.selectors.step_sequences import (
+    AloneKey,
+    AloneRendering,
+    ScoringPlan,
+    plan_sequences,
+    render_step_alone,
+)
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ratio", "loss")
-SCOPES = ("trajectory", "global")
+#: `ratio`: loss_cond / loss_alone (perplexity_delta); `loss`: loss_cond (perplexity)
+RATIO, LOSS = "ratio", "loss"
+METRICS = (RATIO, LOSS)
 #: floor of the alone loss in the ratio, so a step the model predicts perfectly alone gives a finite score
 ALONE_EPS = 1e-6
 #: the score of a step whose loss is not finite: below every real score
 UNSCORED = -1.0
 #: alone-loss cache entries kept across chunks before the cache is cleared (bounded memory)
 _ALONE_CACHE_MAX = 200_000
-
-
-# --------------------------------------------------------------------------------------------------
-# the selector
-
-
-@dataclass
-class _Plan:
-    """What to compute for one trajectory."""
-
-    n_steps: int
-    cond_keys: list[Hashable]
-    alone_keys: list[Hashable]
-    #: per windowed step: history tokens dropped
-    dropped: dict[int, int]
-
-
-def select_global(scores: Sequence[Sequence[float]], ratio: float, ties: Sequence[Sequence[float]] | None = None) -> list[set[int]]:
-    """The global-scope rule (module docstring): each trajectory's best step, then the best remaining
-    steps of the whole dataset until K = n_to_select(total, ratio) are chosen (total = max(K, T)).
-    `ties`: per step, a rank that orders equal scores first (excess_loss: a seeded draw); without it
-    ties go to the earlier trajectory, then the earlier step."""
-    rank = ties if ties is not None else [[0.0] * len(s) for s in scores]
-    chosen = [top_k(s, 1, rank[t]) if len(s) else set() for t, s in enumerate(scores)]
-    total = sum(len(s) for s in scores)
-    extra = n_to_select(total, ratio) - sum(len(c) for c in chosen)
-    if extra > 0:
-        rest = sorted(
-            (-v, rank[t][k], t, k) for t, s in enumerate(scores) for k, v in enumerate(s) if k not in chosen[t]
-        )
-        for _, _, t, k in rest[:extra]:
-            chosen[t].add(k)
-    return chosen
-
-
-def _positive_int(option: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"selector.{option} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class PerplexitySelector(Selector):
@@ -155,7 +124,7 @@ class PerplexitySelector(Selector):
         self,
         ratio: float = 0.3,
         seed: int = 0,
-        metric: str = "ratio",
+        metric: str = RATIO,
         scope: str = "trajectory",
         model: Any = None,
         cache_dir: str = "outputs/.cache",
@@ -173,20 +142,19 @@ class PerplexitySelector(Selector):
         super().__init__(ratio=ratio, seed=seed)
         if metric not in METRICS:
             raise ConfigError(f"selector.metric must be one of {METRICS}, got {metric!r}")
-        if scope not in SCOPES:
-            raise ConfigError(f"selector.scope must be one of {SCOPES}, got {scope!r}")
+        check_scope(scope)
         if max_length is not None:
-            max_length = _positive_int("max_length", max_length, minimum=8)
-        batch_size = _positive_int("batch_size", batch_size)
-        max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
-        chunk_size = _positive_int("chunk_size", chunk_size)
+            max_length = positive_int("max_length", max_length, minimum=8)
+        batch_size = positive_int("batch_size", batch_size)
+        max_batch_tokens = positive_int("max_batch_tokens", max_batch_tokens)
+        chunk_size = positive_int("chunk_size", chunk_size)
         if alone_prompt is not None and not str(alone_prompt).strip():
             raise ConfigError("selector.alone_prompt must be a non-empty string or null")
         if adapter is not None and not is_adapter_dir(adapter):
             raise ConfigError(f"selector.adapter={adapter}: not a LoRA adapter folder (no adapter_config.json in it)")
         self.metric = metric
         self.scope = scope
-        self.name = "perplexity_delta" if metric == "ratio" else "perplexity"
+        self.name = "perplexity_delta" if metric == RATIO else "perplexity"
         self.spec = model_spec(model)
         self.cache_dir = str(cache_dir)
         self.device = get_device(device)
@@ -207,7 +175,7 @@ class PerplexitySelector(Selector):
         self.tokenizer: Any = None
         self.scorer: SpanScorer | None = None
         self.max_length: int | None = self._max_length
-        self._alone_tok: dict[str, tuple[list[int], tuple[int, int], bool]] = {}
+        self._alone_tok: dict[str, AloneRendering] = {}
         self._alone_loss: dict[str, float] = {}
         self._score_cache: Any = None
         self._use_score_cache = bool(score_cache)
@@ -217,6 +185,11 @@ class PerplexitySelector(Selector):
         self.tokens_scored = 0
         self.tokens_forwarded = 0
         self.seconds = 0.0
+
+    @property
+    def _uses_alone(self) -> bool:
+        """Whether scores need the step-alone loss (the ratio metric)."""
+        return self.metric == RATIO
 
     # ---- resources
 
@@ -235,8 +208,8 @@ class PerplexitySelector(Selector):
             max_batch_tokens=self.max_batch_tokens,
         )
         if self._max_length is None:
-            n = getattr(self.model.config, "max_position_embeddings", None)
-            self.max_length = int(n) if isinstance(n, int) and n > 0 else None
+            positions = getattr(self.model.config, "max_position_embeddings", None)
+            self.max_length = int(positions) if isinstance(positions, int) and positions > 0 else None
 
     def close(self) -> None:
         if self._key is not None:
@@ -254,98 +227,21 @@ class PerplexitySelector(Selector):
 
     # ---- sequences
 
-    def _alone(self, content: str) -> tuple[list[int], tuple[int, int], bool]:
-        """Token ids of the step-alone rendering, the step's supervised span in it, and whether max_length
-        cut that span (cached per content)."""
-        hit = self._alone_tok.get(content)
-        if hit is not None:
-            return hit
-        from atlas_exp.train.turn_spans import tokenize_trajectory
-
-        msgs = [Message("assistant", content, step=0)]
-        if self.alone_prompt is not None:
-            msgs.insert(0, Message("user", self.alone_prompt))
-        t = Trajectory(id="step-alone", env="-", messages=msgs)
-        try:
-            tt = tokenize_trajectory(self.tokenizer, t)
-        except TemplateError as e:
-            if self.alone_prompt is None:
-                raise ConfigError(
-                    f"selector: the chat template cannot render a step alone (a conversation that is one assistant "
-                    f"turn): {e}. Set selector.alone_prompt to a fixed user message placed before each step "
-                    f"(e.g. selector.alone_prompt=Continue.)"
-                ) from None
-            raise
-        a, b = tt.step_spans[0]
-        M = self.max_length
-        cut = M is not None and b > M
-        if cut:
-            if a >= M:
-                raise ConfigError(
-                    f"selector.max_length={M} leaves no room for a step after the {a} tokens the template writes "
-                    f"before it when rendered alone"
-                )
-            b = M
-        hit = (tt.input_ids[:b], (a, b), cut)
+    def _alone(self, content: str) -> AloneRendering:
+        """The step-alone rendering of `content` (`render_step_alone`), cached per content."""
+        cached = self._alone_tok.get(content)
+        if cached is not None:
+            return cached
+        rendering = render_step_alone(self.tokenizer, content, alone_prompt=self.alone_prompt, max_length=self.max_length)
         if len(self._alone_tok) >= _ALONE_CACHE_MAX:
             self._alone_tok.clear()
-        self._alone_tok[content] = hit
-        return hit
+        self._alone_tok[content] = rendering
+        return rendering
 
-    def _plan(self, ti: int, traj: Trajectory) -> tuple[_Plan, list[ScoredSeq]]:
+    def _plan(self, traj_index: int, traj: Trajectory) -> tuple[ScoringPlan, list[ScoredSeq]]:
         """The conditioned sequences of one trajectory (the whole prefix, plus windows past max_length)."""
-        from atlas_exp.train.turn_spans import tokenize_trajectory
-
-        tt = tokenize_trajectory(self.tokenizer, traj)
-        ids = tt.input_ids
-        M = self.max_length
-        steps = traj.steps
-        msg_of_step = traj.step_message_index()
-        msg_starts = [s for s, _ in tt.message_spans]
-        spans: list[tuple[int, int]] = []
-        for k, (a, b) in enumerate(tt.step_spans):
-            if M is not None:
-                if self.metric == "ratio":
-                    _, (a1, b1), cut = self._alone(steps[k].content)
-                    if cut:  # scored alone on its first tokens only: score the same tokens in context
-                        b = min(b, a + (b1 - a1))
-                b = min(b, a + M - 1)  # room for at least one token of context
-            spans.append((a, b))
-        cond_keys: list[Hashable] = [("c", ti, k) for k in range(len(spans))]
-        alone_keys: list[Hashable] = [("a", s.content) for s in steps] if self.metric == "ratio" else []
-        seqs: list[ScoredSeq] = []
-        dropped: dict[int, int] = {}
-
-        first = [k for k, (a, b) in enumerate(spans) if M is None or b <= M]
-        if first:
-            end = max(spans[k][1] for k in first)  # tokens after the last scored span change nothing
-            seqs.append(ScoredSeq(ids[:end], [spans[k] for k in first], [cond_keys[k] for k in first]))
-        remaining = [k for k in range(len(spans)) if k not in set(first)]
-        head = msg_starts[msg_of_step[0]]  # the prompt: everything before the agent's first action
-        while remaining:
-            k = remaining[0]
-            a, e = spans[k]
-            ms = msg_starts[msg_of_step[k]]
-            if head + (e - ms) <= M:  # type: ignore[operator]
-                s = min(x for x in msg_starts if head <= x <= ms and head + (e - x) <= M)  # type: ignore[operator]
-                prefix, start, room = ids[:head], s, M - head  # type: ignore[operator]
-            elif e - ms <= M:  # type: ignore[operator]
-                s = min(x for x in msg_starts if x <= ms and e - x <= M)  # type: ignore[operator]
-                prefix, start, room = [], s, M
-            else:
-                prefix, start, room = [], e - M, M  # type: ignore[operator]
-            covered = [j for j in remaining if spans[j][0] >= start and spans[j][1] <= start + room]
-            end = max(spans[j][1] for j in covered)
-            window = prefix + ids[start:end]
-            shift = len(prefix) - start
-            seqs.append(
-                ScoredSeq(window, [(spans[j][0] + shift, spans[j][1] + shift) for j in covered], [cond_keys[j] for j in covered])
-            )
-            for j in covered:
-                dropped[j] = start - len(prefix)
-            cov = set(covered)
-            remaining = [j for j in remaining if j not in cov]
-        return _Plan(len(spans), cond_keys, alone_keys, dropped), seqs
+        return plan_sequences(self.tokenizer, traj, traj_index, self.max_length,
+                              alone=self._alone if self._uses_alone else None)
 
     # ---- scoring
 
@@ -361,7 +257,7 @@ class PerplexitySelector(Selector):
             [(m.role, m.content, m.step) for m in traj.messages], *adapter,
         )
 
-    def score_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
+    def score_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[StepScores]:
         """Scores, meta and per-step reasons of each trajectory of `trajs`.
 
         Scores do not depend on the ratio, so they are kept on disk (`<cache_dir>/step_scores/<name>.jsonl`,
@@ -378,70 +274,70 @@ class PerplexitySelector(Selector):
         keys = [self._cache_key(t) for t in trajs]
         out: list[Any] = [None] * len(trajs)
         missing = []
-        for i, k in enumerate(keys):
-            rec = self._score_cache.get(k)
-            if rec is not None and len(rec["scores"]) == trajs[i].n_steps:
-                out[i] = (rec["scores"], rec["meta"], rec["reasons"])
+        for i, key in enumerate(keys):
+            record = self._score_cache.get(key)
+            if record is not None and len(record["scores"]) == trajs[i].n_steps:
+                out[i] = StepScores(record["scores"], record["meta"], record["reasons"])
                 self.cache_hits += 1
             else:
                 missing.append(i)
         if missing:
             computed = self._compute_chunk([trajs[i] for i in missing], offset)
-            for i, sc in zip(missing, computed):
-                out[i] = sc
-                self._score_cache.put(keys[i], {"scores": sc[0], "meta": sc[1], "reasons": sc[2]})
+            for i, scored in zip(missing, computed):
+                out[i] = scored
+                self._score_cache.put(keys[i], {"scores": scored.scores, "meta": scored.meta, "reasons": scored.reasons})
         return out
 
-    def _compute_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[tuple[list[float], dict[str, Any], list[str | None]]]:
+    def _compute_chunk(self, trajs: Sequence[Trajectory], offset: int = 0) -> list[StepScores]:
         """Scores, meta and per-step reasons of each trajectory of `trajs` (one batched computation)."""
         self.scored += len(trajs)
         self.load()
         assert self.scorer is not None
-        plans: list[_Plan] = []
+        plans: list[ScoringPlan] = []
         seqs: list[ScoredSeq] = []
-        for i, t in enumerate(trajs):
-            plan, s = self._plan(offset + i, t)
+        for i, traj in enumerate(trajs):
+            plan, traj_seqs = self._plan(offset + i, traj)
             plans.append(plan)
-            seqs.extend(s)
-        if self.metric == "ratio":
-            new = sorted({s.content for t in trajs for s in t.steps if s.content not in self._alone_loss})
-            for c in new:
-                ids, span, _ = self._alone(c)
-                seqs.append(ScoredSeq(ids, [span], [("a", c)]))
-        t0, n0, f0 = time.perf_counter(), self.scorer.span_tokens, self.scorer.tokens
+            seqs.extend(traj_seqs)
+        if self._uses_alone:
+            new = sorted({step.content for t in trajs for step in t.steps if step.content not in self._alone_loss})
+            for content in new:
+                rendering = self._alone(content)
+                seqs.append(ScoredSeq(rendering.input_ids, [rendering.span], [AloneKey(content)]))
+        started, span_tokens, forwarded = time.perf_counter(), self.scorer.span_tokens, self.scorer.tokens
         losses = self.scorer.score(seqs, progress=self.progress, desc=self.progress_desc)
-        self.seconds += time.perf_counter() - t0
-        self.tokens_scored += self.scorer.span_tokens - n0
-        self.tokens_forwarded += self.scorer.tokens - f0
-        for key, v in losses.items():
-            if key[0] == "a":  # type: ignore[index]
-                self._alone_loss[key[1]] = v  # type: ignore[index]
+        self.seconds += time.perf_counter() - started
+        self.tokens_scored += self.scorer.span_tokens - span_tokens
+        self.tokens_forwarded += self.scorer.tokens - forwarded
+        for key, loss in losses.items():
+            if isinstance(key, AloneKey):
+                self._alone_loss[key.content] = loss
         if len(self._alone_loss) > _ALONE_CACHE_MAX:
             self._alone_loss.clear()
         out = []
         for plan in plans:
-            cond = [losses[k] for k in plan.cond_keys]
-            alone = [self._alone_loss.get(k[1], losses.get(k, math.nan)) for k in plan.alone_keys]  # type: ignore[index]
+            cond = [losses[key] for key in plan.cond_keys]
+            alone = [self._alone_loss.get(key.content, losses.get(key, math.nan)) for key in plan.alone_keys]
             scores: list[float] = []
             reasons: list[str | None] = []
             for k in range(plan.n_steps):
-                v = cond[k] / max(alone[k], ALONE_EPS) if self.metric == "ratio" else cond[k]
+                score = cond[k] / max(alone[k], ALONE_EPS) if self._uses_alone else cond[k]
                 why = None
-                if not math.isfinite(v):
-                    v, why = UNSCORED, "not finite: the model gave a non-finite loss"
+                if not math.isfinite(score):
+                    score, why = UNSCORED, "not finite: the model gave a non-finite loss"
                 elif k in plan.dropped:
                     why = f"scored in a window: {plan.dropped[k]} history tokens dropped (max_length={self.max_length})"
-                scores.append(v)
+                scores.append(score)
                 reasons.append(why)
             meta: dict[str, Any] = {"metric": self.metric, "loss_cond": cond}
-            if self.metric == "ratio":
+            if self._uses_alone:
                 meta["loss_alone"] = alone
             if plan.dropped:
                 meta["history_dropped"] = [[k, n] for k, n in sorted(plan.dropped.items())]
-            out.append((scores, meta, reasons))
+            out.append(StepScores(scores, meta, reasons))
         return out
 
-    def _selection(self, traj: Trajectory, scored: tuple[list[float], dict[str, Any], list[str | None]], chosen: set[int]) -> Selection:
+    def _selection(self, traj: Trajectory, scored: StepScores, chosen: set[int]) -> Selection:
         scores, meta, reasons = scored
         steps = [StepChoice(step=k, score=s, selected=k in chosen, reason=r) for k, (s, r) in enumerate(zip(scores, reasons))]
         return Selection(id=traj.id, selector=self.name, ratio=self.ratio, steps=steps, meta=meta)
@@ -451,18 +347,17 @@ class PerplexitySelector(Selector):
         if self.scope == "trajectory":
             for i in range(0, len(trajs), self.chunk_size):
                 chunk = trajs[i : i + self.chunk_size]
-                for t, sc in zip(chunk, self.score_chunk(chunk, offset=i)):
-                    yield self._selection(t, sc, top_k(sc[0], n_to_select(t.n_steps, self.ratio)))
+                for traj, scored in zip(chunk, self.score_chunk(chunk, offset=i)):
+                    yield self._selection(traj, scored, top_k(scored.scores, n_to_select(traj.n_steps, self.ratio)))
             return
-        scored: list[tuple[list[float], dict[str, Any], list[str | None]]] = []
+        all_scored: list[StepScores] = []
         for i in range(0, len(trajs), self.chunk_size):
-            scored.extend(self.score_chunk(trajs[i : i + self.chunk_size], offset=i))
-        chosen = select_global([s[0] for s in scored], self.ratio)
-        for t, sc, c in zip(trajs, scored, chosen):
-            yield self._selection(t, sc, c)
+            all_scored.extend(self.score_chunk(trajs[i : i + self.chunk_size], offset=i))
+        chosen = select_global([scored.scores for scored in all_scored], self.ratio)
+        for traj, scored, picked in zip(trajs, all_scored, chosen):
+            yield self._selection(traj, scored, picked)
 
     def select_one(self, traj: Trajectory) -> Selection:
         """One trajectory alone (global scope degenerates to per-trajectory: the dataset is this one)."""
         (sel,) = self.select([traj])
         return sel
-
