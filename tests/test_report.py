@@ -22,8 +22,11 @@ from omegaconf import OmegaConf
 
 from atlas_exp.config import compose
 from atlas_exp.eval.results import TaskInfo, summarize
-from atlas_exp.report.collect import RunRow, mark_variants, read_run, row_from_wandb
+from atlas_exp.report.collect import read_run
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.table import aggregate
+from atlas_exp.report.variants import mark_variants
+from atlas_exp.report.wandb_runs import row_from_wandb
 from atlas_exp.run_dir import RunDir
 
 TASKS = (("textcraft", "held_in"), ("babyai", "held_in"), ("alfworld", "held_out"))

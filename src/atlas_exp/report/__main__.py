@@ -26,13 +26,9 @@ from pathlib import Path
 
 from atlas_exp.artifacts import atomic_write_text
 from atlas_exp.errors import AtlasError
-from atlas_exp.report.collect import (
-    RunRow,
-    collect_sweep,
-    collect_wandb,
-    common_overrides,
-)
+from atlas_exp.report.collect import collect_sweep
 from atlas_exp.report.compare import agreement_with_oracle, paired_vs_all
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.sections import agreement_md, categories_md, compute_md, paired_md
 from atlas_exp.report.stats import DEFAULT_B
 from atlas_exp.report.table import (
@@ -45,6 +41,8 @@ from atlas_exp.report.table import (
     runs_table_md,
     to_csv,
 )
+from atlas_exp.report.variants import common_overrides
+from atlas_exp.report.wandb_runs import collect_wandb
 
 PROG = "atlas_exp.report"
 

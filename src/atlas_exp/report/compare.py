@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from atlas_exp.report.collect import RunRow
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.stats import (
     Interval,
     bootstrap,

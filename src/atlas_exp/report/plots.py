@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_exp.errors import AtlasError
-from atlas_exp.report.collect import RunRow
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.table import SPLIT_LABEL, Table, row_key
 from atlas_exp.selectors.oracle_prompt import CATEGORIES
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from atlas_exp.report.collect import RunRow
 from atlas_exp.report.compare import AgreementCell, PairedRow, fmt_paired
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.table import COMPUTE, Stat, Table, _md_table, fmt_stat, row_key
 from atlas_exp.selectors.oracle_prompt import CATEGORIES
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from atlas_exp.eval.results import SPLITS
-from atlas_exp.report.collect import RunRow
+from atlas_exp.report.rows import RunRow
 from atlas_exp.report.stats import (
     DEFAULT_B,
     bootstrap,
