@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_alfworld_env import alfworld_data  # noqa: F401 (a fixture: the valid splits, unpacked once)
 
 from atlas_exp.data.importers import from_agentgym
 from atlas_exp.data.trajectory import Message, Trajectory
@@ -301,6 +302,57 @@ def test_prefix_replay_of_real_sciworld_items(agenttraj_dir):
                 print(f"{traj.id}: step {e.step}: {e}")
     print(f"\nsciworld prefix replay: {n_ok}/{len(trajs)} restorable")
     assert n_ok == len(trajs)  # measured 3/3 (each recording goes on 1-3 steps after the success)
+
+
+def _alfworld_expert_trajectory(data_dir: Path, split: str, game: str) -> Trajectory:
+    """ALFWorld's handcoded expert playing one game, recorded as a ReAct trajectory in AgentGym's interface,
+    its game named the way ALFWorld's expert data names it (meta `game_file`)."""
+    from atlas_exp.envs.alfworld import AlfworldEnv
+
+    env = AlfworldEnv(data_dir, split=split, expert=True, max_steps=30)
+    (ep,) = [e for e in env.episodes() if e.game.startswith(game + "/")]
+    msgs = [Message("user", env.instruction()), Message("assistant", env.ack, trainable=False),
+            Message("user", env.reset(ep))]
+    while not env.done:
+        action = env.expert_action()
+        msgs.append(Message("assistant", f"Thought:\nThe plan says {action}.\n\nAction:\n{action}", step=len(msgs) // 2 - 1))
+        msgs.append(Message("user", env.step(action).observation))
+    assert env.won, ep.id
+    env.close()
+    return Trajectory(id=f"alfworld_{game}", env="alfworld", messages=msgs,
+                      meta={"game_file": f"json_2.1.1/{split}/{ep.game}"})
+
+
+def test_prefix_replay_of_a_real_alfworld_game(alfworld_data, tmp_path):  # noqa: F811 (the imported fixture)
+    """A valid_seen game played by the handcoded expert restores from its `game_file` with
+    `selector.envs.alfworld.split=valid_seen` (conf/selector/rollout_value.yaml): every replayed observation
+    equals the recorded one, and the expert, restarted at every step, wins each time (V = 1 everywhere).
+    A trajectory whose game file does not exist falls back (on_failure), counted, with a message naming it."""
+    from atlas_exp.config import compose
+
+    traj = _alfworld_expert_trajectory(alfworld_data, "valid_seen", "look_at_obj_in_light-AlarmClock-None-DeskLamp-323")
+    n = traj.n_steps
+    assert n == 5
+    cfg = compose(["selector=rollout_value", "selector.envs.alfworld.split=valid_seen",
+                   f"selector.envs.alfworld.data_dir={alfworld_data}"]).selector
+    sel = RolloutValueSelector(ratio=0.4, seed=0, policy=ExpertPolicy(traj), rollouts=1, max_turns=n, batch_size=1,
+                               envs=cfg.envs, observation_match=cfg.observation_match, cache=False,
+                               cache_dir=str(tmp_path), progress=False)
+    missing = Trajectory(id="alfworld_missing", env="alfworld", messages=traj.messages,
+                         meta={"game_file": "json_2.1.1/valid_seen/look_at_obj_in_light-AlarmClock-None-DeskLamp-999/"
+                                            "trial_T20190909_000000_000000/game.tw-pddl"})
+    ok, failed = sel.select([traj, missing])
+    sel.close()
+    assert ok.meta["values"] == [1.0] * (n + 1) and ok.meta["final"] == "replayed"
+    assert [c.score for c in ok.steps] == [0.0] * n and len(ok.selected_steps) == n_to_select(n, 0.4)
+    st = sel.stats()
+    assert (st["ok"], st["failed"], st["fallback_random"]) == (1, 1, 1)
+    assert st["env_steps_check"] == n and st["rollout_ends"] == {"done": n}
+    assert st["env_steps_replay"] == sum(range(n)) and st["env_steps_rollout"] == sum(range(1, n + 1))
+    assert failed.meta["rollout_value"] == "failed" and failed.meta["fallback"] == "random"
+    assert "'alfworld_missing' (alfworld) cannot be restored" in failed.meta["error"]
+    assert "no such ALFWorld game file" in failed.meta["error"] and "DeskLamp-999" in failed.meta["error"]
+    assert len(failed.selected_steps) == n_to_select(n, 0.4)
 
 
 # ------------------------------------------------------------------------------------------ config
