@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -66,6 +67,74 @@ def test_overrides_quote_paths_with_equals_signs(tmp_path):
     over = gpu_run.run_overrides(args, tmp_path / "sweep" / "selector=all", "selector=all")
     assert f"run_dir='{tmp_path}/sweep/selector=all'" in over and "data.max_per_env=2" in over
     assert any(o.startswith("judge_replies=['") for o in over)
+
+
+def test_default_rows_and_budget_are_the_paper_s_five_in_540_s(tmp_path):
+    args = gpu_run.parse_args(["--out", str(tmp_path)])
+    assert args.rows == list(gpu_run.ROWS) and args.budget == 540.0 and args.limits == {}
+    assert not set(gpu_run.OPTIONAL_ROWS) & set(gpu_run.ROWS)
+    d = gpu_run.Driver(args)
+    assert d.limits == gpu_run.FULL_LIMITS
+    for row, job in d.row_jobs().items():  # a default row's run: the preset, its dir, the common overrides, its selector
+        assert job.cmd[3:] == [gpu_run.PRESET, "hydra.mode=RUN", f"run_dir='{tmp_path}/sweep/selector={row}'",
+                               f"cache_dir='{tmp_path}/cache'", f"selector={row}"] and job.after is None
+
+
+def test_optional_rows_plan_excess_loss_after_all_and_rollout_value_sized(tmp_path):
+    """The optional rows' runs, without running them: excess_loss's Rho-1 reference is the all row's model and it
+    waits for that row; rollout_value gets its sizes (full and dry run), which compose into a selector."""
+    from atlas_exp.selectors.rollout_value import RolloutValueSelector
+    from atlas_exp.selectors.stage import build_selector
+
+    args = gpu_run.parse_args(["--out", str(tmp_path), "--rows", "excess_loss,oracle,all,rollout_value",
+                               "--limit", "rows=450"])
+    d = gpu_run.Driver(args)
+    assert d.limits == {**gpu_run.FULL_LIMITS, "rows": 450.0}
+    jobs = d.row_jobs()
+    assert list(jobs) == ["excess_loss", "oracle", "all", "rollout_value"]
+    ex, rv = jobs["excess_loss"], jobs["rollout_value"]
+    assert ex.after == "all" and rv.after is None and jobs["oracle"].after is None
+    reference = f"{tmp_path}/sweep/selector=all/model"
+    assert ex.cmd[-2:] == ["selector=excess_loss", f"reference_model='{reference}'"]
+    assert rv.cmd[-8:] == ["selector=rollout_value", *gpu_run.OPTIONAL_ROWS["rollout_value"]["full"]]
+    assert compose(["experiment=gpu_agenttraj", *ex.cmd[-2:]]).selector.reference == reference
+    sel = build_selector(compose(["experiment=gpu_agenttraj", *rv.cmd[-8:]]))  # no model loads before a rollout
+    assert isinstance(sel, RolloutValueSelector) and sel._policy is None
+    assert (sel.rollouts, sel.temperature, sel.max_turns, sel.batch_size) == (1, 0.0, 4, 256)
+    assert sel._policy_spec.batch_size == 256 and sel._policy_spec.max_new_tokens == 128
+    dry = gpu_run.Driver(gpu_run.parse_args(["--dry-run", "--out", str(tmp_path), "--rows", "all,rollout_value"]))
+    rv_dry = dry.row_jobs()["rollout_value"].cmd
+    assert rv_dry[-7:] == ["selector=rollout_value", *gpu_run.OPTIONAL_ROWS["rollout_value"]["dry"]]
+    assert "data.max_per_env=2" in rv_dry  # the dry run's sizes still apply
+
+
+def test_excess_loss_without_the_all_row_is_refused_unless_its_model_exists(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_run.parse_args(["--out", str(tmp_path), "--rows", "excess_loss"])
+    assert "--rows excess_loss needs the all row's trained model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_run.parse_args(["--out", str(tmp_path), "--limit", "rows"])
+    assert "--limit 'rows': expected PHASE=SECONDS" in capsys.readouterr().err
+    model = tmp_path / "sweep" / "selector=all" / "model"
+    model.mkdir(parents=True)
+    (model / "training_summary.json").write_text("{}")  # a call before trained it (same --out)
+    assert gpu_run.parse_args(["--out", str(tmp_path), "--rows", "excess_loss"]).rows == ["excess_loss"]
+
+
+def test_a_row_that_needs_another_starts_after_it_and_not_after_a_failure(tmp_path):
+    """run_jobs with tiny processes: `b` (after `a`) starts once `a` is done, `c` behind it starts meanwhile;
+    `e` (after `f`, which fails) never starts and says why."""
+    def job(name, code, after=None):
+        return gpu_run.Job(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", dict(os.environ), after=after)
+
+    a, b, c = job("a", "import time; time.sleep(1.5)"), job("b", "pass", after="a"), job("c", "pass")
+    f, e = job("f", "raise SystemExit(3)"), job("e", "pass", after="f")
+    ended = []
+    gpu_run.run_jobs([b, a, c, e, f], parallel=2, deadline=time.time() + 60, on_done=lambda j: ended.append(j.name))
+    assert [j.status for j in (a, b, c, f)] == ["done", "done", "done", "failed (exit 3)"]
+    assert b.started >= a.started + a.seconds - 0.01 and c.started < a.started + a.seconds
+    assert e.status == "not started (f failed (exit 3))" and e.proc is None
+    assert ended.index("a") < ended.index("b") and ended.index("f") < ended.index("e")
 
 
 @pytest.mark.slow

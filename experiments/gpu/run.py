@@ -12,7 +12,10 @@ Phases, most important first, each under its own time limit inside one overall b
 short still brings back what finished, and the headline first.
   setup      versions, GPU, commit; the model converted once (GGUF -> safetensors) into the shared cache
   rows       the selector rows, `--parallel` at a time on the one GPU (oracle and all first); each row's
-             envs step in its own process, so the rows' evaluations run side by side on the CPU cores
+             envs step in its own process, so the rows' evaluations run side by side on the CPU cores.
+             Optional rows (`--rows`, not in the default): excess_loss (Rho-1; its reference is the all row's
+             model, so it starts when that row is done) and rollout_value (sized in OPTIONAL_ROWS); their cost
+             and how they fit the budget: README.md
   deepspeed  ZeRO-2 and ZeRO-3 on one GPU (`launcher.nproc_per_node=1 deepspeed=zero2|zero3`; a torch
              optimizer, so DeepSpeed compiles no op), trained, saved, and the saved model played (4 episodes)
   bench      experiments/bench/gpu_train.py on SmolLM2 LoRA: integer supervised positions (ours now) vs TRL,
@@ -46,6 +49,22 @@ REPO = Path(__file__).resolve().parents[2]
 PRESET = "experiment=gpu_agenttraj"
 #: the rows in priority order (the headline first)
 ROWS = ("oracle", "all", "random", "non_critical_oracle", "perplexity_delta")
+#: rows a user asks for with `--rows` (not in the default: they do not fit its budget next to ROWS; README.md
+#: "Optional rows"), with what each row's run gets on top of the preset, at full size and in the dry run
+OPTIONAL_ROWS = {
+    # Rho-1: the model's and the reference's loss passes over the 1,184 trajectories, like perplexity_delta's two
+    "excess_loss": {"full": [], "dry": []},
+    # one greedy continuation of at most 4 replies from each of the ~7,634 restart points (one per expert step),
+    # all in flight 256 at a time (one generate call a round), replies capped like the evaluation's
+    "rollout_value": {
+        "full": ["selector.rollouts=1", "selector.temperature=0", "selector.max_turns=4", "selector.batch_size=256",
+                 "selector.chunk_size=2048", "selector.policy.batch_size=256", "selector.policy.max_new_tokens=128"],
+        "dry": ["selector.rollouts=1", "selector.temperature=0", "selector.max_turns=2", "selector.batch_size=2",
+                "selector.policy.batch_size=2", "selector.policy.max_new_tokens=16"],
+    },
+}
+#: a row that needs another row's trained model: it starts once that row is done (and not if it failed)
+ROW_NEEDS = {"excess_loss": "all"}
 PHASES = ("setup", "rows", "deepspeed", "bench", "eval_speed")
 #: the most seconds each phase may take at full size (the overall budget caps them too); see README.md
 FULL_LIMITS = {"setup": 60, "rows": 330, "deepspeed": 110, "bench": 120, "eval_speed": 60}
@@ -96,6 +115,8 @@ class Job:
     seconds: float | None = None
     status: str = "not started"  # not started | running | done | failed (exit N) | killed at the time limit
     returncode: int | None = None
+    #: the name of a job that must be done before this one starts
+    after: str | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,12 +168,24 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, on_done=None) -> None:
-    """Start `jobs` in order, at most `parallel` at a time; end any still running at `deadline`."""
+    """Start `jobs` in order, at most `parallel` at a time; end any still running at `deadline`. A job with
+    `after` waits for that job (when it is one of `jobs`) to be done; the jobs behind it start meanwhile."""
     todo = list(jobs)
+    by_name = {j.name: j for j in jobs}
     running: list[Job] = []
     while todo or running:
         while todo and len(running) < parallel and time.time() < deadline - 5:
-            j = todo.pop(0)
+            j = next((j for j in todo if _ready(j, by_name)), None)
+            if j is None:
+                break
+            todo.remove(j)
+            need = by_name.get(j.after) if j.after else None
+            if need is not None and need.status != "done":
+                j.status = f"not started ({j.after} {need.status})"
+                log(f"{j.name}: {j.status}")
+                if on_done:
+                    on_done(j)
+                continue
             log(f"start {j.name} (log: {j.log_path.relative_to(OUT_ROOT) if OUT_ROOT else j.log_path})")
             j.start()
             running.append(j)
@@ -174,6 +207,12 @@ def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, on_done=None) -
             running = []
     for j in todo:
         j.status = "not started (no time left)"
+
+
+def _ready(job: Job, by_name: dict[str, Job]) -> bool:
+    """Whether `job` can be decided now: no prerequisite among the jobs, or it has ended (well or not)."""
+    need = by_name.get(job.after) if job.after else None
+    return need is None or need.status not in ("not started", "running")
 
 
 OUT_ROOT: Path | None = None
@@ -223,6 +262,19 @@ def common_overrides(args) -> list[str]:
 def run_overrides(args, run_dir: Path, *extra: str) -> list[str]:
     """One run of the preset in its own dir (RUN mode: the preset itself is a multirun over the rows)."""
     return [PRESET, "hydra.mode=RUN", f"run_dir={q(run_dir)}", *common_overrides(args), *extra]
+
+
+def row_dir(args, row: str) -> Path:
+    return args.out / "sweep" / f"selector={row}"
+
+
+def row_overrides(args, row: str) -> list[str]:
+    """What a row's run gets besides the preset and the common overrides: its selector, an optional row's
+    sizes (OPTIONAL_ROWS), and for excess_loss its Rho-1 reference, the all row's trained model."""
+    over = [f"selector={row}", *OPTIONAL_ROWS.get(row, {}).get("dry" if args.dry_run else "full", [])]
+    if row == "excess_loss":
+        over.append(f"reference_model={q(row_dir(args, ROW_NEEDS[row]) / 'model')}")
+    return over
 
 
 def read_json(p: Path):
@@ -286,7 +338,7 @@ class Driver:
         self.args = args
         self.t0 = time.time()
         self.deadline = self.t0 + args.budget
-        self.limits = dict(DRY_LIMITS if args.dry_run else FULL_LIMITS)
+        self.limits = {**(DRY_LIMITS if args.dry_run else FULL_LIMITS), **args.limits}
         self.summary: dict = {"dry_run": args.dry_run, "budget_s": args.budget, "started": time.strftime("%FT%TZ", time.gmtime()),
                               "phases": {}, "rows": {}, "deepspeed": {}, "bench": {}, "eval_speed": {}}
         self.sweep = args.out / "sweep"
@@ -352,12 +404,15 @@ class Driver:
         if job.status != "done":
             raise RuntimeError(f"model conversion {job.status}: {job.tail(10)}")
 
-    def phase_rows(self) -> None:
+    def row_jobs(self) -> dict[str, Job]:
+        """The rows' runs in `--rows` order, each a `python -m atlas_exp` of the preset in its own run dir."""
         env = base_env(self.threads)
-        jobs = {}
-        for row in self.args.rows:
-            rd = self.sweep / f"selector={row}"
-            jobs[row] = Job(row, app_cmd(*run_overrides(self.args, rd, f"selector={row}")), self.args.out / "logs" / f"row_{row}.log", env)
+        return {row: Job(row, app_cmd(*run_overrides(self.args, row_dir(self.args, row), *row_overrides(self.args, row))),
+                         self.args.out / "logs" / f"row_{row}.log", env, after=ROW_NEEDS.get(row))
+                for row in self.args.rows}
+
+    def phase_rows(self) -> None:
+        jobs = self.row_jobs()
 
         def done(j: Job) -> None:
             r = row_result(self.sweep / f"selector={j.name}", j)
@@ -503,7 +558,11 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None, help="overall seconds (default 540; dry run 7200)")
     p.add_argument("--parallel", type=int, default=None, help="rows at once on the GPU (default 3; dry run 1)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated selectors, in priority order")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated selectors, in priority order; "
+                   f"optional rows: {', '.join(OPTIONAL_ROWS)} (README.md: what they cost)")
+    p.add_argument("--limit", action="append", default=[], metavar="PHASE=SECONDS",
+                   help="a phase's time limit instead of its default (repeatable), e.g. rows=450 for a call with "
+                        "the rollout_value row alone")
     p.add_argument("--data-root", type=Path, default=None, help="folder with agenttraj_l/ and judge/ (default: the preset's)")
     p.add_argument("--model-dir", type=Path, default=None, help="folder with SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--cache-dir", type=Path, default=None, help="cache_dir of every run (default <out>/cache)")
@@ -520,6 +579,17 @@ def parse_args(argv=None):
     bad = [x for x in a.phases if x not in PHASES]
     if bad:
         p.error(f"unknown phase(s) {bad}; choose from {PHASES}")
+    a.limits = {}
+    for item in a.limit:
+        phase, _, secs = item.partition("=")
+        if phase not in PHASES or not secs.replace(".", "", 1).isdigit():
+            p.error(f"--limit {item!r}: expected PHASE=SECONDS with PHASE one of {','.join(PHASES)}")
+        a.limits[phase] = float(secs)
+    for row, need in ROW_NEEDS.items():
+        model = row_dir(a, need) / "model" / "training_summary.json"
+        if row in a.rows and need not in a.rows and not model.exists():
+            p.error(f"--rows {row} needs the {need} row's trained model ({model.parent}): add {need} to --rows "
+                    f"(it starts when {need} is done), or rerun with the same --out after a call that trained it")
     return a
 
 
