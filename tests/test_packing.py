@@ -108,8 +108,8 @@ def test_training_with_packing_and_supervised_logits_matches_the_standard_path(t
         rd = tmp_path / name
         # 8 trajectories = 2 optimizer steps of 2 x 2: the second step sees other data and updated weights
         p = app(f"run_dir={rd}", "logger=none", "eval=none", "data.sources.0.n=8", "selector=random", "ratio=0.5",
-                "train.max_steps=2", "train.per_device_batch_size=2", "train.grad_accum=2", "train.lora.dropout=0.0",
-                "train.warmup_ratio=0", "train.save_steps=100", *extra)
+                "train.max_steps=2", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=2", "train.lora.dropout=0.0",
+                "train.warmup_steps=0", "train.save_steps=100", *extra)
         assert p.returncode == 0, p.stderr[-3000:]
         losses[name] = json.loads((rd / "model" / "training_summary.json").read_text())["losses"]
     print(losses)

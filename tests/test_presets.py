@@ -39,7 +39,7 @@ def test_paper_presets(preset, model, selector, mode, zero, ranks):
     assert c.model.name_or_path == model
     assert c.selector._target_.endswith(selector) and c.ratio == 0.3
     assert c.data.sources[0].name == "AgentGym/AgentTraj-L"
-    assert c.train.mode == mode and c.train.lr == 1e-5 and c.train.epochs == 3 and c.train.max_length == 4096
+    assert c.train.mode == mode and c.train.learning_rate == 1e-5 and c.train.num_train_epochs == 3 and c.train.max_length == 4096
     assert c.deepspeed.enabled and c.deepspeed.config.zero_optimization.stage == zero
     assert c.launcher.nproc_per_node == ranks
     assert c.selector.client.model == ("meta-llama/Llama-3.1-70B-Instruct" if "70b" in preset else "gpt-4o")

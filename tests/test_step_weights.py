@@ -215,15 +215,15 @@ def test_binary_is_todays_path_exactly(tiny_model, weighted_features, smollm2_to
 def test_gradient_accumulation_normalises_by_the_step_total_weight(tiny_model, weighted_features, smollm2_tokenizer, tmp_path):
     """Two micro-batches of one optimizer step: the trainer's denominator is their total weight, so the
     micro-batch losses add up to the weighted mean over both (not to the mean of their means)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from atlas_exp.train.trainer import _weighted_trainer
+    from atlas_exp.train.hf_trainer import WeightedLossTrainer
 
     pad = smollm2_tokenizer.pad_token_id
     collate = MaskedCollator(pad, weighted=True)
     micro = [collate(weighted_features[:1]), collate(weighted_features[1:])]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=1)
-    trainer = _weighted_trainer(Trainer)(model=tiny_model, args=args, data_collator=collate)
+    trainer = WeightedLossTrainer(model=tiny_model, args=args, data_collator=collate)
     batches, total = trainer.get_batch_samples(iter(micro), 2, torch.device("cpu"))
     want_total = sum(sum(f["weights"][1:]) for f in weighted_features)
     assert float(total) == pytest.approx(want_total, rel=1e-6)
@@ -241,7 +241,7 @@ def test_the_app_trains_with_score_weights_on_the_packed_supervised_only_path(tm
     loss. That this loss equals the padded full-logits one is shown above without the app, layout by layout."""
     rd = tmp_path / "run"
     p = app(f"run_dir={rd}", "logger=none", "eval=none", "data.sources.0.n=2", "selector=random", "ratio=0.5",
-            "train.step_weights=score", "train.max_steps=1", "train.per_device_batch_size=1", "train.grad_accum=2",
+            "train.step_weights=score", "train.max_steps=1", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2",
             "train.packing=true", "train.supervised_logits_only=true", "train.save_steps=100")
     assert p.returncode == 0, p.stderr[-3000:]
     losses = json.loads((rd / "model" / "training_summary.json").read_text())["losses"]

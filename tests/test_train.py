@@ -1,11 +1,13 @@
 """Masked finetuning end to end, run as a user runs it: `python -m atlas_exp ...` on real AgentTraj-L
 records with the real SmolLM2-135M model, single process, 2-rank DeepSpeed ZeRO-2/3 on the CPU, and a
-resume after a killed run."""
+resume after a killed run; and the train options: transformers' TrainingArguments names, any of its fields
+passed through, the names of before refused with the new one."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,19 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TEST_CACHE
-
-pytestmark = pytest.mark.slow
+from omegaconf import OmegaConf
 
 # small, fast, and strong enough that the loss must fall on a handful of trajectories
 FAST = [
     "selector=random",
     "ratio=0.5",
     "train.max_length=768",
-    "train.per_device_batch_size=1",
-    "train.grad_accum=1",
-    "train.lr=2e-3",
-    "train.warmup_ratio=0",
-    "train.lr_scheduler=constant",
+    "train.per_device_train_batch_size=1",
+    "train.gradient_accumulation_steps=1",
+    "train.learning_rate=2e-3",
+    "train.warmup_steps=0",
+    "train.lr_scheduler_type=constant",
     "train.logging_steps=1",
     "train.save_steps=100",
 ]
@@ -91,6 +92,7 @@ def assert_labels_cover_only_selected_steps(run_dir: Path, tokenizer) -> None:
         assert text == expected
 
 
+@pytest.mark.slow
 def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, short_textcraft, smollm2_tokenizer, smollm2_dir):
     rd = tmp_path / "run"
     run_app(rd, "train.max_steps=12", "logger=wandb",
@@ -130,6 +132,7 @@ def test_lora_single_process_trains_on_selected_steps_and_reloads(tmp_path, shor
         assert torch.isfinite(model(**ids).logits).all()
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
     run_app(rd, "train.max_steps=2", "logger=none", data=short_textcraft, n=4)
@@ -140,9 +143,10 @@ def test_rerun_of_a_finished_run_does_nothing(tmp_path, short_textcraft, smollm2
     assert all(before[k] == v for k, v in after.items() if k in before)
 
 
+@pytest.mark.slow
 def test_full_finetuning_saves_a_model_that_reloads(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
-    run_app(rd, "train=full", "train.max_steps=8", "train.lr=1e-4", "logger=none", data=short_textcraft, n=4)
+    run_app(rd, "train=full", "train.max_steps=8", "train.learning_rate=1e-4", "logger=none", data=short_textcraft, n=4)
     s = summary(rd)
     assert s["mode"] == "full"
     assert_loss_fell(s)
@@ -152,6 +156,7 @@ def test_full_finetuning_saves_a_model_that_reloads(tmp_path, short_textcraft, s
     assert sum(p.numel() for p in m.parameters()) > 100_000_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_rank_deepspeed_on_cpu(tmp_path, short_textcraft, zero, smollm2_dir):
     rd = tmp_path / "run"
@@ -160,7 +165,7 @@ def test_two_rank_deepspeed_on_cpu(tmp_path, short_textcraft, zero, smollm2_dir)
         f"deepspeed={zero}",
         "launcher.nproc_per_node=2",
         "train.max_steps=8",
-        "train.per_device_batch_size=1",
+        "train.per_device_train_batch_size=1",
         "logger=none",
         data=short_textcraft,
     )
@@ -180,6 +185,7 @@ def test_two_rank_deepspeed_on_cpu(tmp_path, short_textcraft, zero, smollm2_dir)
     AutoPeftModelForCausalLM.from_pretrained(rd / "model")
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, short_textcraft, smollm2_dir):
     rd = tmp_path / "run"
     args = ["train.max_steps=8", "train.save_steps=2", "logger=none"]
@@ -208,3 +214,135 @@ def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, 
     # only the steps after the checkpoint were trained again, and the loss log is continuous
     assert s["steps_run"] == 8 - resumed_at
     assert s["loss_steps"] == list(range(1, 9))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the train options: transformers' TrainingArguments names, any of its fields, the old names refused
+
+
+def _recipe(tmp_path: Path, *overrides: str):
+    """A recipe over an empty run dir (its options and TrainingArguments need no data)."""
+    from atlas_exp.config import compose
+    from atlas_exp.run_dir import RunDir
+    from atlas_exp.train.trainer import MaskedSFTRecipe
+
+    for name in ("trajectories.jsonl", "selection.jsonl"):
+        (tmp_path / name).write_text("")
+    return MaskedSFTRecipe(compose(["logger=none", *overrides]), RunDir(tmp_path))
+
+
+@pytest.mark.parametrize("old", ["lr", "epochs", "per_device_batch_size", "grad_accum", "lr_scheduler", "warmup_ratio",
+                                 "group_by_length", "gradient_checkpointing", "gradient_checkpointing_kwargs"])
+def test_an_option_name_of_before_is_refused_with_the_name_that_replaced_it(old):
+    from atlas_exp.config import compose
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.train.options import RENAMED, check_train_options, training_arguments_fields
+
+    new = RENAMED[old][0]
+    assert new in training_arguments_fields()  # the new name is transformers' own
+    with pytest.raises(ConfigError, match=rf"^train\.{old} is now train\.{new}, transformers' TrainingArguments name: "
+                                          rf"set train\.{new}="):
+        check_train_options(compose([f"+train.{old}=1"]).train)
+
+
+def test_an_old_name_in_a_preset_stops_the_training_before_it_loads_anything(tmp_path):
+    """Not silently ignored (a preset's `train: {lr: ...}` composes without a `+`): refused first thing."""
+    from atlas_exp.config import compose
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.run_dir import RunDir
+    from atlas_exp.train.options import check_train_options
+    from atlas_exp.train.trainer import run_training
+
+    preset_train = {**OmegaConf.to_container(compose([]).train), "grad_accum": 8}
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum is now train\.gradient_accumulation_steps, .*"
+                                          r"set train\.gradient_accumulation_steps=8$"):
+        check_train_options(preset_train)
+    # an empty run dir: were the options checked after anything else, this would be another error
+    with pytest.raises(ConfigError, match=r"^train\.lr is now train\.learning_rate, .* set train\.learning_rate=0\.0001$"):
+        run_training(compose(["+train.lr=1e-4"]), RunDir(tmp_path))
+
+
+@pytest.mark.parametrize("key, where", [("seed", "seed=N"), ("bf16", "train.precision=bf16"), ("deepspeed", "deepspeed=<"),
+                                        ("output_dir", "run_dir="), ("report_to", "logger=wandb|none"),
+                                        ("resume_from_checkpoint", "resume=true")])
+def test_a_training_argument_another_option_sets_is_refused_with_that_option(key, where):
+    from atlas_exp.config import compose
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.train.options import check_train_options
+
+    with pytest.raises(ConfigError, match=rf"^train\.{key} is not set under train: it comes from {re.escape(where)}"):
+        check_train_options(compose([f"+train.{key}=1"]).train)
+
+
+def test_an_unknown_option_is_refused_with_the_closest_names():
+    from atlas_exp.config import compose
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.train.options import check_train_options
+
+    with pytest.raises(ConfigError, match=r"^train\.lerning_rate: not an atlas_exp train option nor a field of "
+                                          r"transformers' TrainingArguments; did you mean train\.learning_rate( or [\w. ]+)?\?$"):
+        check_train_options(compose(["+train.lerning_rate=1e-4"]).train)
+    with pytest.raises(ConfigError, match=r"^train\.zzz: not an atlas_exp train option nor a field of transformers' "
+                                          r"TrainingArguments$"):
+        check_train_options(compose(["+train.zzz=1"]).train)
+
+
+def test_every_train_config_and_preset_uses_only_current_names():
+    from atlas_exp.config import CONF_DIR, compose, group_options
+    from atlas_exp.train.options import OUR_OPTIONS, check_train_options, training_arguments_fields
+
+    configs = [compose([f"train={t}"]) for t in group_options("train")]
+    configs += [compose([f"experiment={p}"]) for p in group_options("experiment")]
+    for cfg in configs:
+        check_train_options(cfg.train)
+    fields = training_arguments_fields()
+    assert {k for cfg in configs for k in cfg.train} - OUR_OPTIONS <= fields
+    assert not OUR_OPTIONS & fields  # ours never shadow one of transformers' names
+    assert (CONF_DIR / "train" / "lora.yaml").exists()
+
+
+def test_the_default_options_reach_the_training_arguments_as_before(tmp_path):
+    args = _recipe(tmp_path).training_arguments([])
+    assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (2e-4, 1, -1)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 4)
+    assert (str(args.lr_scheduler_type.value), args.warmup_steps, args.weight_decay, args.max_grad_norm) == ("cosine", 0.03, 0.0, 1.0)
+    assert (args.train_sampling_strategy, args.activation_checkpointing) == ("random", False)
+    assert (args.logging_steps, args.save_steps, args.save_total_limit, str(args.save_strategy.value)) == (1, 50, 2, "steps")
+    assert (args.seed, args.bf16, args.fp16, args.remove_unused_columns, args.report_to) == (42, False, False, False, [])
+    assert args.output_dir == str(tmp_path / "checkpoints") and args.dataloader_num_workers == 0
+    full = _recipe(tmp_path, "train=full").training_arguments([])
+    assert (full.learning_rate, full.num_train_epochs) == (1e-5, 3)
+
+
+def test_any_other_training_argument_passes_through_and_a_bad_value_names_the_options(tmp_path):
+    from atlas_exp.errors import ConfigError
+
+    args = _recipe(tmp_path, "+train.adam_beta2=0.95", "+train.optim=adafactor", "seed=7",
+                   "train.train_sampling_strategy=group_by_length").training_arguments([])
+    assert (args.adam_beta2, str(args.optim.value), args.seed, args.train_sampling_strategy) == (
+        0.95, "adafactor", 7, "group_by_length")
+    with pytest.raises(ConfigError, match=r"^train: transformers' TrainingArguments refuses these options: .*bogus"):
+        _recipe(tmp_path, "+train.optim=bogus").training_arguments([])
+
+
+@pytest.mark.slow
+def test_the_recipe_steps_train_a_lora_model_with_activation_checkpointing(tmp_path, agenttraj_dir, smollm2_dir):
+    """The steps as a benchmark calls them (experiments/bench/common.py), one optimizer step; the Trainer
+    switches activation checkpointing on (`train.activation_checkpointing`, a TrainingArguments field)."""
+    from helpers import read_agentgym
+
+    from atlas_exp.artifacts import write_jsonl
+    from atlas_exp.selectors.random_steps import RandomSelector
+
+    trajs = sorted(read_agentgym(agenttraj_dir / "textcraft.jsonl", limit=40), key=lambda t: len(str(t.to_dict())))[:2]
+    write_jsonl(tmp_path / "trajectories.jsonl", [t.to_dict() for t in trajs])
+    write_jsonl(tmp_path / "selection.jsonl", [s.to_dict() for s in RandomSelector(ratio=0.5, seed=0).select(trajs)])
+    recipe = _recipe(tmp_path, f"cache_dir={TEST_CACHE}", "train.activation_checkpointing=true", "train.max_steps=1",
+                     "train.gradient_accumulation_steps=1", "train.save_steps=100")
+    recipe.setup()
+    assert len(recipe.data.rows) == 2 and not recipe.data.weighted and recipe.data.stats["n_supervised_tokens"] > 0
+    assert not recipe.model.is_activation_checkpointing
+    result = recipe.train()
+    assert recipe.model.is_activation_checkpointing and recipe.trainer.state.global_step == 1
+    summary = recipe.save(result)
+    assert summary["steps_run"] == 1 and summary["n_examples"] == 2 and (tmp_path / "model" / "adapter_model.safetensors").exists()

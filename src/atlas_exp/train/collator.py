@@ -1,42 +1,47 @@
 """Batching masked examples: padded rows, or one packed row with per-sequence attention boundaries.
 
-- Padded (default): input_ids right-padded with the pad token, labels with -100, an attention mask.
+Labels not to learn are `IGNORE_INDEX` (-100, what PyTorch's cross-entropy skips; train/masking.py).
+
+- Padded (default): input_ids right-padded with the pad token, labels with IGNORE_INDEX, an attention mask.
 - Packed (`train.packing`): the micro-batch's sequences laid end to end in one row, no padding at all.
   `position_ids` restart at 0 for each sequence and no attention mask is passed, from which transformers
   builds a block-diagonal causal mask (and FlashAttention its varlen boundaries): no token attends across
   sequences (tests/test_packing.py proves the logits equal each sequence's alone). The first label of each
-  sequence is -100 so that no sequence is trained to predict the next one's first token.
+  sequence is IGNORE_INDEX so that no sequence is trained to predict the next one's first token.
 - `supervised_logits_only`: also hand the model `logits_to_keep`, the positions whose next token is supervised,
   so that the vocabulary projection (and its softmax) runs only where the loss needs it: at ratio 0.3 that is
   a small share of the tokens. The loss is then `supervised_loss` (train/loss.py). Two forms:
   - `logits_positions=True` (what the trainer uses): integer positions `[rows, K]`, K = the most supervised
     positions of any row (shorter rows repeat position 0), and `labels` replaced by those positions' targets,
-    `[rows, 1 + K]` (column 0 and the repeats are -100). The model gathers the positions
+    `[rows, 1 + K]` (column 0 and the repeats are IGNORE_INDEX). The model gathers the positions
     (`torch.take_along_dim`) and the loss reads its targets as they are: no boolean indexing happens on the
     device, so nothing waits for the GPU to learn how many positions there are (a host sync per micro-batch,
-    which shows when kernels are as short as a 135M model's). The leading -100 column keeps the Trainer's
+    which shows when kernels are as short as a 135M model's). The leading IGNORE_INDEX column keeps the Trainer's
     count of supervised tokens (over `labels[..., 1:]`) right. Exact (tests/test_logits_positions.py).
   - otherwise: a boolean mask `[rows, length]`; the model returns the logits of its True positions flattened.
 - `weighted` (`train.step_weights=score`, or data weights other than 1): also `label_weights`, float32, the
   shape of the `labels` it is returned with (after any of the transforms above), the weight of each label
-  (an example's `weights`, 1.0 for a label without), 0.0 wherever the label is -100. `weighted_loss` reads it.
+  (an example's `weights`, 1.0 for a label without), 0.0 wherever the label is IGNORE_INDEX. `weighted_loss` reads it.
 
 Why not transformers' `DataCollatorWithFlattening`: it flattens `input_ids`, `labels` and `position_ids`
-exactly like `_packed` (boundary label -100, positions restarting at 0), but nothing else; the label
+exactly like `_packed` (boundary label IGNORE_INDEX, positions restarting at 0), but nothing else; the label
 weights would still need flattening by hand with the same boundary rule, and the padded path and the
 supervised-position transforms would stay ours. One collator that lays out labels and their weights
 together keeps the two from ever disagreeing.
 
 >>> c = MaskedCollator(pad_token_id=0, pack=True, weighted=True)
->>> b = c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "weights": [0.0, 0.5, 0.5]},
+>>> b = c([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "weights": [0.0, 0.5, 0.5]},
 ...        {"input_ids": [8, 9], "labels": [8, 9]}])
->>> b["input_ids"].tolist(), b["labels"].tolist(), b["position_ids"].tolist()
-([[5, 6, 7, 8, 9]], [[-100, 6, 7, -100, 9]], [[0, 1, 2, 0, 1]])
+>>> b["input_ids"].tolist(), b["position_ids"].tolist()
+([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]])
+>>> b["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]  # the second one's first: the boundary
+True
 >>> b["label_weights"].tolist()
 [[0.0, 0.5, 0.5, 0.0, 1.0]]
->>> MaskedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-...                                 {"input_ids": [8], "labels": [8]}])["labels"].tolist()
-[[-100, 6, 7], [8, -100, -100]]
+>>> padded = MaskedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+...                                          {"input_ids": [8], "labels": [8]}])
+>>> padded["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+True
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 
 from atlas_exp.train.loss import next_token_supervised, supervised_positions
+from atlas_exp.train.masking import IGNORE_INDEX
 
 
 @dataclass
@@ -70,13 +76,13 @@ class MaskedCollator:
         weights = None
         if self.weighted:
             weights = self._weights(features, batch["labels"].shape)
-            weights = torch.where(batch["labels"] != -100, weights, torch.zeros(()))
+            weights = torch.where(batch["labels"] != IGNORE_INDEX, weights, torch.zeros(()))
         if self.supervised_logits_only:
             if self.logits_positions:
                 positions, targets = supervised_positions(batch["labels"])
                 if weights is not None:
                     # the weight of the token each kept position predicts, in the targets' layout
-                    kept = torch.gather(weights[:, 1:], 1, positions) * (targets[:, 1:] != -100)
+                    kept = torch.gather(weights[:, 1:], 1, positions) * (targets[:, 1:] != IGNORE_INDEX)
                     weights = torch.cat([torch.zeros((len(kept), 1)), kept], dim=1)
                 batch["logits_to_keep"], batch["labels"] = positions, targets
             else:
@@ -103,7 +109,7 @@ class MaskedCollator:
             longest = (longest + m - 1) // m * m
         n = len(features)
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), -100, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((n, longest), dtype=torch.long)
         for i, f in enumerate(features):
             k = len(f["input_ids"])
@@ -118,7 +124,7 @@ class MaskedCollator:
             k = len(f["input_ids"])
             ids.append(torch.as_tensor(f["input_ids"], dtype=torch.long))
             lab = torch.as_tensor(f["labels"], dtype=torch.long).clone()
-            lab[0] = -100  # the boundary: the previous sequence's last token does not predict this one
+            lab[0] = IGNORE_INDEX  # the boundary: the previous sequence's last token does not predict this one
             labels.append(lab)
             positions.append(torch.arange(k, dtype=torch.long))
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
