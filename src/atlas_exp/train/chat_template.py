@@ -28,9 +28,9 @@ import hashlib
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import TemplateError
@@ -72,12 +72,32 @@ class TemplateInfo:
     tools: bool = False
 
 
+class _CachedInfo(NamedTuple):
+    #: (template, vocabulary size): a tokenizer whose template or vocabulary changed is analysed again
+    key: tuple[str, int]
+    info: TemplateInfo
+
+
+class _SpecialAt(NamedTuple):
+    """A special token found in a text, and where."""
+
+    position: int
+    token: str
+
+
+class _ToolSupport(NamedTuple):
+    """What a template writes of tool calling (the TemplateInfo fields of the same names)."""
+
+    tool_calls: bool
+    tool_role: bool
+    tools: bool
+
 
 # --------------------------------------------------------------------------------------------------
 # template analysis (cached per tokenizer)
 
-# tokenizer -> ((template, vocab size), TemplateInfo). Weak keys: a cache must not keep tokenizers alive.
-_INFO_CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], TemplateInfo]]" = weakref.WeakKeyDictionary()
+# tokenizer -> its analysis. Weak keys: a cache must not keep tokenizers alive.
+_INFO_CACHE: "weakref.WeakKeyDictionary[Any, _CachedInfo]" = weakref.WeakKeyDictionary()
 
 
 def _chat_template(tokenizer: Any) -> str:
@@ -110,16 +130,22 @@ def special_token_strings(tokenizer: Any) -> set[str]:
     return out
 
 
-def _first_special(text: str, specials: Iterable[str]) -> tuple[int, str] | None:
+def _first_special(text: str, specials: Iterable[str]) -> _SpecialAt | None:
     """Earliest special token occurring in `text` (the longest one when several start there)."""
-    best: tuple[int, str] | None = None
-    for s in specials:
-        j = text.find(s)
-        if j < 0:
+    best: _SpecialAt | None = None
+    for special in specials:
+        position = text.find(special)
+        if position < 0:
             continue
-        if best is None or j < best[0] or (j == best[0] and len(s) > len(best[1])):
-            best = (j, s)
+        if (best is None or position < best.position
+                or (position == best.position and len(special) > len(best.token))):
+            best = _SpecialAt(position, special)
     return best
+
+
+def common_prefix_length(before: str, after: str) -> int:
+    """How many leading characters two texts share: where `after` stops extending `before`."""
+    return len(os.path.commonprefix([before, after]))
 
 
 def render_conversations(
@@ -130,6 +156,29 @@ def render_conversations(
     if isinstance(out, str):  # defensive: a single conversation
         out = [out]
     return list(out)
+
+
+def fast_renders_checked(
+    tokenizer: Any,
+    fast_render: Callable[..., str] | None,
+    conversations: Sequence[list[dict[str, Any]]],
+    tools: list[dict] | None = None,
+    *,
+    expected_last: str | None = None,
+) -> list[str] | None:
+    """`fast_render` of each conversation, trusted only when its render of the last one is exactly
+    apply_chat_template's (`expected_last`, when the caller has rendered it already): None when there is no
+    fast path, when it raises, or when it disagrees. So the shortcut changes speed, never output."""
+    if fast_render is None:
+        return None
+    try:
+        renders = [fast_render(conversation, tools) for conversation in conversations]
+        last = renders[-1]
+        if expected_last is None:
+            expected_last = render_conversations(tokenizer, [conversations[-1]], tools)[0]
+    except Exception:
+        return None
+    return renders if last == expected_last else None
 
 
 def _make_fast_render(tokenizer: Any, template: str) -> Callable[[list[dict[str, str]]], str] | None:
@@ -168,14 +217,14 @@ def get_template_info(tokenizer: Any) -> TemplateInfo:
     template = _chat_template(tokenizer)
     key = (template, len(tokenizer))
     try:
-        hit = _INFO_CACHE.get(tokenizer)
+        cached = _INFO_CACHE.get(tokenizer)
     except TypeError:  # an unhashable tokenizer: no cache
-        hit = None
-    if hit is not None and hit[0] == key:
-        return hit[1]
+        cached = None
+    if cached is not None and cached.key == key:
+        return cached.info
     info = _analyze_template(tokenizer, template)
     try:
-        _INFO_CACHE[tokenizer] = (key, info)
+        _INFO_CACHE[tokenizer] = _CachedInfo(key, info)
     except TypeError:
         pass
     log.debug("chat template %s: turn suffix %r, end of turn %r", info.name, info.turn_suffix, info.eot_text)
@@ -203,13 +252,13 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
     header = text[len(user_only) : at]
     suffix = text[at + len(_PROBE_ASSISTANT) :]
     specials = frozenset(special_token_strings(tokenizer))
-    first = _first_special(suffix, specials)
-    if first is None:
+    eot = _first_special(suffix, specials)
+    if eot is None:
         raise TemplateError(
             f"{name}: the template writes no special token after an assistant turn (turn suffix {suffix!r}); "
             f"a model trained on it could never learn to end its turn. Set model.chat_template."
         )
-    pos, eot_token = first
+    eot_token = eot.token
     eot_id = tokenizer.convert_tokens_to_ids(eot_token)
     if not isinstance(eot_id, int):
         raise TemplateError(f"{name}: end-of-turn token {eot_token!r} has no single id")
@@ -218,35 +267,28 @@ def _analyze_template(tokenizer: Any, template: str) -> TemplateInfo:
     if ours != list(theirs):
         raise TemplateError(f"{name}: tokenizing the rendered text does not reproduce apply_chat_template(tokenize=True)")
     fast = _make_fast_render(tokenizer, template)
-    if fast is not None:
-        try:
-            if fast(probe) != text:
-                fast = None
-        except Exception:
-            fast = None
-    tool_calls, tool_role, tools = _probe_tool_support(tokenizer)
+    if fast_renders_checked(tokenizer, fast, [probe], expected_last=text) is None:
+        fast = None
     return TemplateInfo(
         name=name,
         turn_header=header,
         turn_suffix=suffix,
-        eot_text=suffix[: pos + len(eot_token)],
+        eot_text=suffix[: eot.position + len(eot_token)],
         eot_token=eot_token,
         eot_token_id=eot_id,
         specials=specials,
         fast_render=fast,
-        tool_calls=tool_calls,
-        tool_role=tool_role,
-        tools=tools,
+        **_probe_tool_support(tokenizer)._asdict(),
     )
 
 
-def _probe_tool_support(tokenizer: Any) -> tuple[bool, bool, bool]:
+def _probe_tool_support(tokenizer: Any) -> _ToolSupport:
     """Whether the template writes tool calls, tool turns and tool definitions (each: the probe's marker
     appears in the render; a template that raises on them does not support them)."""
 
-    def renders(conv: list[dict[str, Any]], marker: str, tools: list[dict] | None = None) -> bool:
+    def renders(conversation: list[dict[str, Any]], marker: str, tools: list[dict] | None = None) -> bool:
         try:
-            return marker in render_conversations(tokenizer, [conv], tools=tools)[0]
+            return marker in render_conversations(tokenizer, [conversation], tools=tools)[0]
         except Exception:
             return False
 
@@ -260,7 +302,7 @@ def _probe_tool_support(tokenizer: Any) -> tuple[bool, bool, bool]:
     tool_def = {"type": "function", "function": {"name": _PROBE_TOOL_DEF, "description": "probe",
                                                  "parameters": {"type": "object", "properties": {}}}}
     tools = renders([user], _PROBE_TOOL_DEF, tools=[tool_def])
-    return tool_calls, tool_role, tools
+    return _ToolSupport(tool_calls=tool_calls, tool_role=tool_role, tools=tools)
 
 
 def chat_messages(traj: Trajectory, info: TemplateInfo) -> tuple[list[dict[str, Any]], list[dict] | None]:
@@ -270,15 +312,15 @@ def chat_messages(traj: Trajectory, info: TemplateInfo) -> tuple[list[dict[str, 
     for m in traj.messages:
         if m.tool_calls and info.tool_calls:
             msgs.append({"role": "assistant", "content": m.raw_content or "",
-                         "tool_calls": [dict(c) for c in m.tool_calls]})
+                         "tool_calls": [dict(call) for call in m.tool_calls]})
         elif m.role == "tool":
             if info.tool_role:
-                d: dict[str, Any] = {"role": "tool", "content": m.content}
+                tool_turn: dict[str, Any] = {"role": "tool", "content": m.content}
                 if m.tool_call_id is not None:
-                    d["tool_call_id"] = m.tool_call_id
+                    tool_turn["tool_call_id"] = m.tool_call_id
                 if m.name is not None:
-                    d["name"] = m.name
-                msgs.append(d)
+                    tool_turn["name"] = m.name
+                msgs.append(tool_turn)
             else:
                 msgs.append({"role": "user", "content": m.content})
         else:
@@ -287,20 +329,26 @@ def chat_messages(traj: Trajectory, info: TemplateInfo) -> tuple[list[dict[str, 
     if tools and not info.tools:
         import json
 
-        i = next((i for i, m in enumerate(msgs) if m["role"] != "assistant"), None)
-        if i is not None:
-            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-            msgs[i] = {**msgs[i], "content": f"Available tools:\n{listing}\n\n{msgs[i]['content']}"}
+        first_turn = next((i for i, m in enumerate(msgs) if m["role"] != "assistant"), None)
+        if first_turn is not None:
+            listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
+            msgs[first_turn] = {**msgs[first_turn],
+                                "content": f"Available tools:\n{listing}\n\n{msgs[first_turn]['content']}"}
         tools = None
     return msgs, tools
 
 
+#: characters of each rendering quoted from where two renderings diverge
+_QUOTED_CHARS = 40
+
+
 def prefix_error(name: str, where: str, msgs: list[dict[str, str]], i: int, k: int, before: str, after: str) -> TemplateError:
     """Adding message i to `where` changed the already rendered text of message k."""
-    j = len(os.path.commonprefix([before, after]))
+    j = common_prefix_length(before, after)
     return TemplateError(
         f"{name}: the chat template does not render a conversation as the concatenation of its turns (prefix "
         f"property): in {where}, adding message {i} ({msgs[i]['role']}) changes the rendering of message {k} "
-        f"({msgs[k]['role']}) at character {j}: {before[j:j + 40]!r} becomes {after[j:j + 40]!r}. Per-turn token "
-        f"spans are undefined; use a template whose earlier turns do not depend on later ones (model.chat_template)."
+        f"({msgs[k]['role']}) at character {j}: {before[j:j + _QUOTED_CHARS]!r} becomes "
+        f"{after[j:j + _QUOTED_CHARS]!r}. Per-turn token spans are undefined; use a template whose earlier turns "
+        f"do not depend on later ones (model.chat_template)."
     )

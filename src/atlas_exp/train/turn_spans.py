@@ -46,7 +46,6 @@ number.
 
 from __future__ import annotations
 
-import os
 import re
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -58,10 +57,17 @@ from atlas_exp.errors import DataError, TemplateError
 from atlas_exp.train.chat_template import (
     TemplateInfo,
     chat_messages,
+    common_prefix_length,
+    fast_renders_checked,
     get_template_info,
     prefix_error,
     render_conversations,
 )
+
+#: characters quoted on each side of a span boundary that falls inside a token
+_CONTEXT_CHARS = 20
+#: characters quoted from each end of an assistant message whose content cannot be found
+_QUOTED_CHARS = 80
 
 
 @dataclass
@@ -103,46 +109,45 @@ class _CharToToken:
     """
 
     def __init__(self, offsets: Sequence[Sequence[int]], name: str):
-        self.starts = [int(o[0]) for o in offsets]
-        self.ends = [int(o[1]) for o in offsets]
-        for a, b in ((self.starts, "start"), (self.ends, "end")):
-            if any(x > y for x, y in zip(a, a[1:])):
-                raise TemplateError(f"{name}: token offsets are not monotonic ({b}s); cannot map spans to tokens")
+        self.starts = [int(start) for start, _ in offsets]
+        self.ends = [int(end) for _, end in offsets]
+        for positions, which in ((self.starts, "start"), (self.ends, "end")):
+            if any(x > y for x, y in zip(positions, positions[1:])):
+                raise TemplateError(f"{name}: token offsets are not monotonic ({which}s); cannot map spans to tokens")
 
-    def __call__(self, p: int) -> int | None:
-        t = bisect_left(self.starts, p)
-        prev_end = self.ends[t - 1] if t > 0 else 0
-        if prev_end != p:
+    def __call__(self, position: int) -> int | None:
+        token = bisect_left(self.starts, position)
+        prev_end = self.ends[token - 1] if token > 0 else 0
+        if prev_end != position:
             return None
-        return t
+        return token
 
 
 def _content_candidates(content: str) -> list[str]:
+    """The content as a template may render it: verbatim, then stripped, right- and left-stripped."""
     out: list[str] = []
-    for c in (content, content.strip(), content.rstrip(), content.lstrip()):
-        if c and c not in out:
-            out.append(c)
+    for candidate in (content, content.strip(), content.rstrip(), content.lstrip()):
+        if candidate and candidate not in out:
+            out.append(candidate)
     return out
 
 
 def _render_prefixes(tokenizer: Any, msgs: list[dict[str, Any]], info: TemplateInfo, traj_id: str,
                      tools: list[dict] | None = None) -> list[str]:
-    convs = [msgs[: i + 1] for i in range(len(msgs))]
-    if info.fast_render is not None:
-        try:
-            renders = [info.fast_render(c, tools) for c in convs]
-            if renders[-1] == render_conversations(tokenizer, [msgs], tools)[0]:
-                return renders
-        except Exception:
-            pass  # the public path below names the failing message
+    """The render of every prefix `msgs[:i+1]` (the fast path where it agrees with apply_chat_template)."""
+    prefixes = [msgs[: i + 1] for i in range(len(msgs))]
+    renders = fast_renders_checked(tokenizer, info.fast_render, prefixes, tools)
+    if renders is not None:
+        return renders
+    # the public path; where it fails, it names the failing message
     try:
-        return render_conversations(tokenizer, convs, tools)
+        return render_conversations(tokenizer, prefixes, tools)
     except Exception:
         pass
     # find which prefix fails, to name it
-    for i, conv in enumerate(convs):
+    for i, prefix in enumerate(prefixes):
         try:
-            render_conversations(tokenizer, [conv], tools)
+            render_conversations(tokenizer, [prefix], tools)
         except Exception as e:
             raise TemplateError(
                 f"{info.name}: rendering messages[:{i + 1}] of trajectory {traj_id!r} failed at message {i} "
@@ -162,12 +167,13 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
     info = get_template_info(tokenizer)
     msgs, tools = chat_messages(traj, info)
     for i, m in enumerate(msgs):
-        for sp in info.specials:
-            if sp in m["content"]:
+        for special in info.specials:
+            if special in m["content"]:
                 # It would be encoded as a control token (as apply_chat_template does by default): a fake
                 # turn boundary in the input, or an end-of-turn in the middle of a supervised action.
                 raise DataError(
-                    f"content contains the special token {sp!r} of {info.name}", source=traj.id, field=f"messages[{i}].content"
+                    f"content contains the special token {special!r} of {info.name}", source=traj.id,
+                    field=f"messages[{i}].content",
                 )
     renders = _render_prefixes(tokenizer, msgs, info, traj.id, tools)
 
@@ -176,95 +182,101 @@ def tokenize_trajectory(tokenizer: Any, traj: Trajectory) -> TokenizedTrajectory
     n = len(renders)
     roles = [m.role for m in traj.messages]
     boundary = [i == n - 1 or roles[i] == "assistant" or roles[i + 1] == "assistant" for i in range(n)]
-    ends: list[int] = []
+    ends: list[int] = []  # per message: where its characters end in the full text
     prev = ""
-    for i, r in enumerate(renders):
+    for i, render in enumerate(renders):
         if not boundary[i]:
-            nxt = renders[boundary.index(True, i + 1)]
-            if r.startswith(prev) and nxt.startswith(r):
-                ends.append(len(r))
-                prev = r
+            next_boundary = renders[boundary.index(True, i + 1)]
+            if render.startswith(prev) and next_boundary.startswith(render):
+                ends.append(len(render))
+                prev = render
             else:
                 ends.append(len(prev))
             continue
-        if not r.startswith(prev):
-            j = len(os.path.commonprefix([prev, r]))
+        if not render.startswith(prev):
+            j = common_prefix_length(prev, render)
             k = bisect_left(ends, j + 1)  # the message whose characters contain position j
-            raise prefix_error(info.name, f"trajectory {traj.id!r}", msgs, i, k, prev, r)
-        ends.append(len(r))
-        prev = r
+            raise prefix_error(info.name, f"trajectory {traj.id!r}", msgs, i, k, prev, render)
+        ends.append(len(render))
+        prev = render
     text = renders[-1]
 
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    to_tok = _CharToToken(enc["offset_mapping"], info.name)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    char_to_token = _CharToToken(encoding["offset_mapping"], info.name)
 
-    def tok_index(p: int, what: str, i: int) -> int:
-        t = to_tok(p)
-        if t is None:
-            lo, hi = max(0, p - 20), min(len(text), p + 20)
+    def token_at(position: int, what: str, i: int) -> int:
+        token = char_to_token(position)
+        if token is None:
+            lo, hi = max(0, position - _CONTEXT_CHARS), min(len(text), position + _CONTEXT_CHARS)
             raise TemplateError(
                 f"{info.name}: in trajectory {traj.id!r}, the {what} of message {i} ({msgs[i]['role']}) at "
-                f"character {p} falls inside a token ({text[lo:p]!r} | {text[p:hi]!r}): the tokenizer merges "
-                f"text across it, so no exact token mask exists (often leading whitespace in the content)."
+                f"character {position} falls inside a token ({text[lo:position]!r} | {text[position:hi]!r}): the "
+                f"tokenizer merges text across it, so no exact token mask exists (often leading whitespace in the "
+                f"content)."
             )
-        return t
+        return token
 
-    message_char: list[tuple[int, int]] = []
-    message_tok: list[tuple[int, int]] = []
-    sup_char: list[tuple[int, int] | None] = []
-    sup_tok: list[tuple[int, int] | None] = []
+    message_char_spans: list[tuple[int, int]] = []
+    message_spans: list[tuple[int, int]] = []
+    supervised_char_spans: list[tuple[int, int] | None] = []
+    supervised_spans: list[tuple[int, int] | None] = []
     step_spans: list[tuple[int, int]] = []
     header, suffix = info.turn_header, info.turn_suffix
     for i, m in enumerate(traj.messages):
-        s = ends[i - 1] if i else 0
-        e = ends[i]
-        message_char.append((s, e))
-        message_tok.append((tok_index(s, "start", i), tok_index(e, "end", i)))
+        start = ends[i - 1] if i else 0
+        end = ends[i]
+        message_char_spans.append((start, end))
+        message_spans.append((token_at(start, "start", i), token_at(end, "end", i)))
         if m.role != "assistant":
-            sup_char.append(None)
-            sup_tok.append(None)
+            supervised_char_spans.append(None)
+            supervised_spans.append(None)
             continue
         span = None
-        if m.tool_calls and info.tool_calls:
+        own_call_syntax = bool(m.tool_calls and info.tool_calls)
+        if own_call_syntax:
             # the template's own call syntax: all it writes after the (shared part of the) assistant header
-            c0 = s + len(os.path.commonprefix([text[s:e], header]))
-            if text.endswith(suffix, s, e) and e - len(suffix) > c0:
-                span = (c0, e - len(suffix) + len(info.eot_text))
-        for cand in [] if span is not None or (m.tool_calls and info.tool_calls) else _content_candidates(m.content):
-            c0 = e - len(suffix) - len(cand)
+            content_start = start + common_prefix_length(text[start:end], header)
+            if text.endswith(suffix, start, end) and end - len(suffix) > content_start:
+                span = (content_start, end - len(suffix) + len(info.eot_text))
+        for candidate in [] if span is not None or own_call_syntax else _content_candidates(m.content):
+            content_start = end - len(suffix) - len(candidate)
             # Both sides must match: with the suffix alone, "\nAction" under a header ending in "\n\n"
             # and a trimming template would wrongly claim the header's last newline as content.
-            if c0 - len(header) >= s and text.endswith(cand + suffix, c0, e) and text.endswith(header, s, c0):
-                span = (c0, c0 + len(cand) + len(info.eot_text))
+            if (content_start - len(header) >= start and text.endswith(candidate + suffix, content_start, end)
+                    and text.endswith(header, start, content_start)):
+                span = (content_start, content_start + len(candidate) + len(info.eot_text))
                 break
         if span is None:
+            rendered = text[start:end]
             raise TemplateError(
                 f"{info.name}: cannot find the content of message {i} (assistant) of trajectory {traj.id!r} "
                 f"between the template's assistant header {header!r} and turn suffix {suffix!r} "
-                f"(as rendered on a probe); the message renders as {text[s:e][:80]!r}...{text[s:e][-80:]!r}"
+                f"(as rendered on a probe); the message renders as "
+                f"{rendered[:_QUOTED_CHARS]!r}...{rendered[-_QUOTED_CHARS:]!r}"
             )
-        a = tok_index(span[0], "content start", i)
-        b = tok_index(span[1], "end of turn", i)
-        if b <= a or input_ids[b - 1] != info.eot_token_id:
+        span_start, span_end = span
+        first_token = token_at(span_start, "content start", i)
+        end_token = token_at(span_end, "end of turn", i)
+        if end_token <= first_token or input_ids[end_token - 1] != info.eot_token_id:
             raise TemplateError(
                 f"{info.name}: in trajectory {traj.id!r}, message {i} (assistant) does not tokenize to end with "
                 f"the end-of-turn token {info.eot_token!r}"
             )
-        sup_char.append(span)
-        sup_tok.append((a, b))
+        supervised_char_spans.append(span)
+        supervised_spans.append((first_token, end_token))
         if m.is_step:
-            step_spans.append((a, b))
+            step_spans.append((first_token, end_token))
     return TokenizedTrajectory(
         id=traj.id,
         text=text,
         input_ids=input_ids,
-        message_spans=message_tok,
-        message_char_spans=message_char,
-        supervised_spans=sup_tok,
-        supervised_char_spans=sup_char,
+        message_spans=message_spans,
+        message_char_spans=message_char_spans,
+        supervised_spans=supervised_spans,
+        supervised_char_spans=supervised_char_spans,
         step_spans=step_spans,
-        offsets=[(int(a), int(b)) for a, b in enc["offset_mapping"]],
+        offsets=[(int(start), int(end)) for start, end in encoding["offset_mapping"]],
     )
 
 
@@ -295,7 +307,7 @@ def step_part_spans(tokenizer: Any, traj: Trajectory, tt: TokenizedTrajectory, p
     tool-call turn has no ReAct text at all: always an error (use `supervise=step`).
     """
     info = get_template_info(tokenizer)
-    to_tok = _CharToToken(tt.offsets, info.name)
+    char_to_token = _CharToToken(tt.offsets, info.name)
     out: list[tuple[int, int] | None] = []
     for i, m in enumerate(traj.messages):
         if not m.is_step:
@@ -304,22 +316,23 @@ def step_part_spans(tokenizer: Any, traj: Trajectory, tt: TokenizedTrajectory, p
         if m.tool_calls:
             raise DataError(f"train.supervise={part} needs ReAct text steps (Thought:/Action:); this step makes "
                             "tool calls: use train.supervise=step", source=traj.id, field=where)
-        c0, c1 = tt.supervised_char_spans[i]
-        content_end = c1 - len(info.eot_text)
-        mark = _ACTION_MARK.search(tt.text, c0, content_end)
-        if mark is None or (part == "thought" and not tt.text[c0 : mark.start()].strip()):
+        content_start, supervised_end = tt.supervised_char_spans[i]
+        content_end = supervised_end - len(info.eot_text)
+        mark = _ACTION_MARK.search(tt.text, content_start, content_end)
+        if mark is None or (part == "thought" and not tt.text[content_start : mark.start()].strip()):
             if on_missing == "skip":
                 out.append(None)
                 continue
             what = "'Action:' line" if mark is None else "thought before its 'Action:' line"
             raise DataError(f"train.supervise={part}: the step has no {what} (content "
-                            f"{tt.text[c0:content_end][:80]!r}); train.on_missing_part=skip leaves such steps "
+                            f"{tt.text[content_start:content_end][:_QUOTED_CHARS]!r}); train.on_missing_part=skip leaves such steps "
                             "unsupervised (counted)", source=traj.id, field=where)
-        a, b = (c0, mark.start()) if part == "thought" else (mark.start(), c1)
-        ta, tb = to_tok(a), to_tok(b)
-        if ta is None or tb is None:
+        part_start, part_end = (content_start, mark.start()) if part == "thought" else (mark.start(), supervised_end)
+        first_token, end_token = char_to_token(part_start), char_to_token(part_end)
+        if first_token is None or end_token is None:
+            quoted = tt.text[max(0, mark.start() - _CONTEXT_CHARS):mark.start() + _CONTEXT_CHARS]
             raise TemplateError(f"{info.name}: in trajectory {traj.id!r}, {where}: the {part} part's boundary at "
-                                f"character {mark.start()} falls inside a token ({tt.text[max(0, mark.start() - 20):mark.start() + 20]!r}); "
+                                f"character {mark.start()} falls inside a token ({quoted!r}); "
                                 "no exact token span exists")
-        out.append((ta, tb))
+        out.append((first_token, end_token))
     return out
