@@ -76,29 +76,31 @@ _ERROR_CHARS = 500
 
 
 def _paths(value: Any, option: str) -> list[str]:
+    """A path option (`selector.batch.*`) as a list: none, one, or several; anything else is a ConfigError."""
     value = _plain(value)
     if value in (None, "", []):
         return []
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(path, str) for path in value):
         return list(value)
     raise ConfigError(f"{option} must be a path or a list of paths, got {value!r}")
 
 
-def _plain(x: Any) -> Any:
+def _plain(option: Any) -> Any:
     """Hydra hands nested options over as DictConfig; the client wants plain dicts."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
+        if isinstance(option, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(option, resolve=True)
     except ImportError:  # pragma: no cover
         pass
-    return x
+    return option
 
 
 def _check_known(option: str, given: dict[str, Any], known: set[str]) -> None:
+    """A ConfigError naming the options of `given` that are not `known`."""
     unknown = set(given) - known
     if unknown:
         raise ConfigError(f"{option}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -382,11 +384,11 @@ class OracleSelector(Selector):
         self.client.close()
         if self.server is not None:
             self.server.stop()
-        s = self.stats()
+        totals = self.stats()
         log.info(
             "oracle: %d trajectories (%d failed -> %s), %d requests, %d cache hits, %d+%d tokens, ~$%.4f",
-            s["trajectories"], s["failed"], s["on_failure"], s["requests"], s["cache_hits"],
-            s["prompt_tokens"], s["completion_tokens"], s["cost_usd"],
+            totals["trajectories"], totals["failed"], totals["on_failure"], totals["requests"], totals["cache_hits"],
+            totals["prompt_tokens"], totals["completion_tokens"], totals["cost_usd"],
         )
 
     def __enter__(self) -> "OracleSelector":

@@ -339,7 +339,8 @@ class PerplexitySelector(Selector):
 
     def _selection(self, traj: Trajectory, scored: StepScores, chosen: set[int]) -> Selection:
         scores, meta, reasons = scored
-        steps = [StepChoice(step=k, score=s, selected=k in chosen, reason=r) for k, (s, r) in enumerate(zip(scores, reasons))]
+        steps = [StepChoice(step=k, score=score, selected=k in chosen, reason=reason)
+                 for k, (score, reason) in enumerate(zip(scores, reasons))]
         return Selection(id=traj.id, selector=self.name, ratio=self.ratio, steps=steps, meta=meta)
 
     def select(self, trajectories: Sequence[Trajectory]) -> Iterator[Selection]:
