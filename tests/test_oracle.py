@@ -21,7 +21,9 @@ import pytest
 
 from atlas_exp.errors import AtlasError
 from atlas_exp.selectors.base import Selection
-from atlas_exp.llm.client import DEFAULT_PRICES, ReplyCache, price_for, strip_bounds
+from atlas_exp.llm.client import strip_bounds
+from atlas_exp.llm.costs import DEFAULT_PRICES, price_for
+from atlas_exp.llm.reply_cache import ReplyCache
 from atlas_exp.selectors.oracle import OracleSelector
 from atlas_exp.selectors.oracle_prompt import (
     CATEGORIES,
