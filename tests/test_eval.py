@@ -14,7 +14,8 @@ from atlas_exp.envs.base import Env, StepResult
 from atlas_exp.envs.textcraft import TextCraftEnv, sample_episode
 from atlas_exp.envs.textcraft_expert import expert_turns
 from atlas_exp.envs.textcraft_planner import UncraftableGoal
-from atlas_exp.eval.policy import HFPolicy, NoReply, PolicyContext
+from atlas_exp.eval.policy import HFPolicy
+from atlas_exp.eval.policy_base import NoReply, PolicyContext
 from atlas_exp.eval.prefix_cache import common_prefix
 from atlas_exp.eval.results import TaskInfo, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes

@@ -63,7 +63,8 @@ def test_a_cache_filled_from_kept_layers_continues_like_a_dynamic_cache():
 def test_hf_policy_replies_are_the_same_with_and_without_the_in_place_cache(smollm2_dir):
     """Two rounds of TextCraft episodes in one batch (the second continues the first from the kept cache)."""
     from atlas_exp.envs.textcraft import TextCraftEnv
-    from atlas_exp.eval.policy import HFPolicy, PolicyContext
+    from atlas_exp.eval.policy import HFPolicy
+    from atlas_exp.eval.policy_base import PolicyContext
 
     ctx = PolicyContext(model_cfg={"name": "s", "name_or_path": str(smollm2_dir), "gguf_file": None},
                         run_model_dir=Path("/nonexistent"), cache_dir=str(TEST_CACHE))

@@ -16,7 +16,8 @@ import pytest
 
 from atlas_exp.envs.textcraft import TextCraftEnv
 from atlas_exp.errors import ConfigError
-from atlas_exp.eval.policy import HFPolicy, NoReply, PolicyContext
+from atlas_exp.eval.policy import HFPolicy
+from atlas_exp.eval.policy_base import NoReply, PolicyContext
 from conftest import TEST_CACHE
 from test_app import app
 

@@ -14,165 +14,41 @@ next turns at once, so a policy's one job is `generate(conversations) -> replies
 A conversation that no longer fits the model's context gets `NoReply("context_limit")`: the loop ends that
 episode there (AgentGym's evaluation does the same), never with a silently truncated prompt. An endpoint
 that fails after its retries gives `NoReply("no_reply")`, which ends only that episode.
+
+`eval/policy_base.py` says what a policy is (the protocol, NoReply, the context it is built with),
+`eval/model_source.py` which local weights `policy.model` names (shared with `VLLMPolicy`); this module holds
+the two policies `conf/policy/hf.yaml` and `openai.yaml` build.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 from atlas_exp.device import get_device, get_dtype
 from atlas_exp.errors import ConfigError
+from atlas_exp.eval.model_source import ModelSource, encode_chat, stop_token_ids
+from atlas_exp.eval.policy_base import Message, NoReply, PolicyContext
 from atlas_exp.eval.prefix_cache import PrefixCache, Row, layout
+from atlas_exp.llm.client import DEFAULT_API_KEY_ENV, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ChatClient, LLMError
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
+
+class _Prompt(NamedTuple):
+    """A conversation of a `generate` call that fits the context: its place in the call, its prompt row."""
+
+    index: int
+    row: Row
 
 
-@dataclass(frozen=True)
-class NoReply:
-    """Why a conversation got no reply; the loop ends its episode with `reason` as the end cause."""
+class _Generated(NamedTuple):
+    """One reply of a batched `generate`: its text, and its token count (the stop token not counted)."""
 
-    reason: str
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class PolicyContext:
-    """What the eval stage knows that a policy may need: the run's model and where models are cached."""
-
-    #: the run's base model config (`cfg.model`, resolved): name_or_path, gguf_file, chat_template, ...
-    model_cfg: dict[str, Any]
-    #: `<run_dir>/model`: the training stage's output (a LoRA adapter or full weights); may not exist
-    run_model_dir: Path
-    cache_dir: str
-    seed: int = 0
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """Batched next-turn generation. `generate` returns one reply per conversation, NoReply where it cannot.
-
-    Two class attributes tell the eval stage what identifies the agent (its resume fingerprint), next to the
-    options they are about: `reply_neutral` names the options that change how replies are computed (batching,
-    caching, device placement) but not what they are, so changing them keeps the episodes already played;
-    `loads_base_model` says that `model: run | base` loads `cfg.model`'s weights (then the base model is part
-    of the agent). A policy class without them has neither.
-    """
-
-    name: str
-    reply_neutral: ClassVar[tuple[str, ...]]
-    loads_base_model: ClassVar[bool]
-
-    def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]: ...
-
-    def describe(self) -> dict[str, Any]:
-        """What produced the replies (model, adapter, decoding), for results.json and its fingerprint."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Which weights `policy.model` names, resolved against the run: shared by the local policies.
-
-    `run`: the run dir's trained model (a LoRA `adapter` over the base model, or full `weights` saved there);
-    `base`: the untrained base model (the "no finetuning" row); anything else: a model folder or Hub name.
-    """
-
-    keyword: str
-    spec: Any  # atlas_exp.models.ModelSpec of the run's base model
-    cache_dir: str
-    adapter: str | None = None
-    weights: str | None = None
-    tokenizer_dir: str | None = None
-
-    @classmethod
-    def resolve(cls, context: PolicyContext, model: str) -> "ModelSource":
-        from atlas_exp.models import ModelSpec
-
-        spec = ModelSpec.from_cfg(context.model_cfg)
-        run_dir = Path(context.run_model_dir)
-        if model == "run":
-            tok_dir = str(run_dir) if (run_dir / "tokenizer_config.json").exists() else None
-            if (run_dir / "adapter_config.json").exists():
-                return cls(model, spec, context.cache_dir, adapter=str(run_dir), tokenizer_dir=tok_dir)
-            if (run_dir / "config.json").exists():
-                return cls(model, spec, context.cache_dir, weights=str(run_dir), tokenizer_dir=tok_dir)
-            raise ConfigError(
-                f"policy.model=run: no trained model in {run_dir} (run the train stage first, or set "
-                "policy.model=base to evaluate the untrained base model)"
-            )
-        if model == "base":
-            return cls(model, spec, context.cache_dir)
-        return cls(model, spec, context.cache_dir, weights=model, tokenizer_dir=model)
-
-    @property
-    def base_path(self) -> str:
-        """The base model as a folder `from_pretrained` (and vLLM) can load (GGUF converted once)."""
-        from atlas_exp.models import materialize
-
-        return materialize(self.spec, self.cache_dir)
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.keyword, "base": self.spec.name}
-        if self.adapter:
-            out["adapter"] = self.adapter
-        if self.weights:
-            out["weights"] = self.weights
-        return out
-
-    def tokenizer(self):
-        """The tokenizer the model was trained with, with a chat template (an error naming the option if none)."""
-        from atlas_exp.models import load_tokenizer
-
-        if self.tokenizer_dir is None:
-            tok = load_tokenizer(self.spec, self.cache_dir)
-        else:
-            from transformers import AutoTokenizer
-
-            try:
-                tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-            except OSError as e:
-                raise ConfigError(f"policy.model={self.keyword!r}: no tokenizer at {self.tokenizer_dir} ({e})") from None
-            if self.spec.chat_template and self.keyword == "run":
-                tok.chat_template = self.spec.chat_template
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-        if tok.chat_template is None:
-            raise ConfigError(f"policy.model={self.keyword!r}: the tokenizer has no chat template; set model.chat_template")
-        return tok
-
-
-def encode_chat(tokenizer: Any, conversation: list[Message]) -> list[int]:
-    """The prompt tokens of a conversation, ending with the assistant turn's header (as in training)."""
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """The end-of-turn tokens: eos plus the template's own turn terminator when it differs (<|eot_id|>)."""
-    ids = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for x in (tokenizer.eos_token_id, gen_eos):
-        if isinstance(x, int):
-            ids.add(x)
-        elif isinstance(x, (list, tuple)):
-            ids.update(int(i) for i in x)
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return sorted(ids)
+    text: str
+    n_tokens: int
 
 
 class HFPolicy:
@@ -222,26 +98,26 @@ class HFPolicy:
         self.device = get_device()
         torch_dtype = get_dtype(dtype, self.device, option="policy.dtype",
                                 invalid="{option}={value!r} is not a torch dtype (auto | bfloat16 | float16 | float32)")
-        src = ModelSource.resolve(context, model)
-        self.source = src.describe()
-        if src.adapter is not None:
+        source = ModelSource.resolve(context, model)
+        self.source = source.describe()
+        if source.adapter is not None:
             from peft import PeftModel
 
-            base = load_model(src.spec, context.cache_dir, dtype=torch_dtype)
+            base = load_model(source.spec, context.cache_dir, dtype=torch_dtype)
             # merged once: generation then runs at the base model's speed
-            self.model = PeftModel.from_pretrained(base, src.adapter).merge_and_unload()
-        elif src.weights is not None:
+            self.model = PeftModel.from_pretrained(base, source.adapter).merge_and_unload()
+        elif source.weights is not None:
             from transformers import AutoModelForCausalLM
 
             try:
-                self.model = AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch_dtype)
+                self.model = AutoModelForCausalLM.from_pretrained(source.weights, dtype=torch_dtype)
             except OSError as e:
-                what = f"the run's weights in {src.weights} do not load" if model == "run" else \
+                what = f"the run's weights in {source.weights} do not load" if model == "run" else \
                     "not a run/base keyword, a model folder or a Hub name"
                 raise ConfigError(f"policy.model={model!r}: {what} ({e})") from None
         else:
-            self.model = load_model(src.spec, context.cache_dir, dtype=torch_dtype)
-        self.tokenizer = src.tokenizer()
+            self.model = load_model(source.spec, context.cache_dir, dtype=torch_dtype)
+        self.tokenizer = source.tokenizer()
         self.tokenizer.padding_side = "left"
         self.model.to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
@@ -250,7 +126,7 @@ class HFPolicy:
         self.stats = {"calls": 0, "replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "context_limit": 0,
                       "prefilled_alone": 0}
         # sliding-window / recurrent caches cannot be re-laid out row by row: those models prefill every turn
-        plain = _plain_attention(self.model)
+        plain = _has_plain_attention(self.model)
         self.prefix_cache = PrefixCache() if reuse_kv_cache and plain else None
         # decoding appends to a preallocated cache instead of concatenating (eval/kv_cache.py); same replies
         self.preallocate_kv_cache = bool(preallocate_kv_cache and plain)
@@ -278,41 +154,45 @@ class HFPolicy:
         encoded = [(i, self.encode(c)) for i, c in enumerate(conversations)]
         fits = [(i, ids) for i, ids in encoded if len(ids) + self.max_new_tokens <= self.max_context]
         self.stats["context_limit"] += len(encoded) - len(fits)
-        rows = [(i, self.prefix_cache.match(ids) if self.prefix_cache else Row(ids)) for i, ids in fits]
-        if self.prefix_cache is not None and len(rows) > 1:
+        prompts = [_Prompt(i, self.prefix_cache.match(ids) if self.prefix_cache else Row(ids)) for i, ids in fits]
+        if self.prefix_cache is not None and len(prompts) > 1:
             # a prefix many prompts share (an env's instruction) is prefilled once, then matched like a kept one
-            shared = self.prefix_cache.shared_prefixes([r for _, r in rows])
+            shared = self.prefix_cache.shared_prefixes([prompt.row for prompt in prompts])
             for prefix in shared:
                 self._prefill(prefix, self.prefix_cache.match(prefix))
             if shared:
-                rows = [(i, self.prefix_cache.match(r.ids)) for i, r in rows]
+                prompts = [self._rematch(prompt) for prompt in prompts]
         # similar amounts of new tokens together: less padding in each generate call
-        rows.sort(key=lambda x: len(x[1].new))
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+        prompts.sort(key=lambda prompt: len(prompt.row.new))
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
             if self._prefill_alone(chunk):
                 # each prompt up to its last token is prefilled on its own, then matched: the batched call
                 # below feeds one token a row, so no compute goes to padding the new parts to the longest
-                for _, r in chunk:
-                    if len(r.new) > 1:
-                        self._prefill(r.ids[:-1], r)
+                for prompt in chunk:
+                    if len(prompt.row.new) > 1:
+                        self._prefill(prompt.row.ids[:-1], prompt.row)
                         self.stats["prefilled_alone"] += 1
-                chunk = [(i, self.prefix_cache.match(r.ids)) for i, r in chunk]
-            for (i, row), (reply, n) in zip(chunk, self._generate_chunk([r for _, r in chunk])):
-                out[i] = reply
+                chunk = [self._rematch(prompt) for prompt in chunk]
+            for prompt, reply in zip(chunk, self._generate_chunk([prompt.row for prompt in chunk])):
+                out[prompt.index] = reply.text
                 self.stats["replies"] += 1
-                self.stats["prompt_tokens"] += len(row.ids)
-                self.stats["completion_tokens"] += n
+                self.stats["prompt_tokens"] += len(prompt.row.ids)
+                self.stats["completion_tokens"] += reply.n_tokens
         if self.prefix_cache is not None:
             self.prefix_cache.commit()
             self.stats.update(self.prefix_cache.stats)
         return out
 
-    def _prefill_alone(self, chunk: list[tuple[int, Row]]) -> bool:
+    def _rematch(self, prompt: _Prompt) -> _Prompt:
+        """The prompt matched again against the kept keys/values (after prefills added some)."""
+        return _Prompt(prompt.index, self.prefix_cache.match(prompt.row.ids))
+
+    def _prefill_alone(self, chunk: list[_Prompt]) -> bool:
         """Whether padding this chunk's new tokens to the longest would cost over a quarter more compute."""
         if not self.separate_prefill or self.prefix_cache is None or len(chunk) < 2:
             return False
-        new = [len(r.new) for _, r in chunk]
+        new = [len(prompt.row.new) for prompt in chunk]
         return max(new) * len(new) > 1.25 * sum(new)
 
     def _prefill(self, ids: list[int], base: Row | None = None) -> None:
@@ -322,16 +202,17 @@ class HFPolicy:
         from transformers import DynamicCache
 
         start = base.reused if base is not None and base.entry is not None else 0
-        kw: dict[str, Any] = {}
+        cache_kwargs: dict[str, Any] = {}
         if start:
-            kw[self._cache_kw] = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in base.entry.layers])
+            cache_kwargs[self._cache_kw] = DynamicCache([(keys[:, :, :start], values[:, :, :start])
+                                                         for keys, values in base.entry.layers])
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids[start:]], device=self.device), use_cache=True,
-                             logits_to_keep=1, **kw)
-        self.prefix_cache.add_prefix(ids, getattr(out, self._cache_kw), base if start else None)
+            output = self.model(input_ids=torch.tensor([ids[start:]], device=self.device), use_cache=True,
+                                logits_to_keep=1, **cache_kwargs)
+        self.prefix_cache.add_prefix(ids, getattr(output, self._cache_kw), base if start else None)
 
-    def _generate_chunk(self, rows: list[Row]) -> list[tuple[str, int]]:
-        """One batched `generate` for `rows`: (reply text, reply tokens) per row."""
+    def _generate_chunk(self, rows: list[Row]) -> list[_Generated]:
+        """One batched `generate` for `rows`: the reply per row."""
         import torch
         from transformers import DynamicCache
 
@@ -352,21 +233,18 @@ class HFPolicy:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
-            gen = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            generated = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                            **kwargs)
         width = input_ids.shape[1]
-        new = gen.sequences[:, width:].cpu()
+        new = generated.sequences[:, width:].cpu()
         self.stats["calls"] += 1
         replies, kept = [], []
-        for row in range(len(rows)):
-            toks = new[row].tolist()
-            n = len(toks)
-            for k, t in enumerate(toks):
-                if t in self.stop_ids:
-                    n = k
-                    break
-            replies.append((self.tokenizer.decode(toks[:n], skip_special_tokens=True).strip(), n))
-            kept.append(toks[:n + 1])  # the stop token too: the next prompt continues after it
-        cache = getattr(gen, self._cache_kw, None)
+        for i in range(len(rows)):
+            tokens = new[i].tolist()
+            n_reply = next((k for k, token in enumerate(tokens) if token in self.stop_ids), len(tokens))
+            replies.append(_Generated(self.tokenizer.decode(tokens[:n_reply], skip_special_tokens=True).strip(), n_reply))
+            kept.append(tokens[:n_reply + 1])  # the stop token too: the next prompt continues after it
+        cache = getattr(generated, self._cache_kw, None)
         if self.prefix_cache is not None and cache is not None:
             self.prefix_cache.keep(cache, mask, rows, kept)
         return replies
@@ -377,13 +255,13 @@ class HFPolicy:
             self.prefix_cache.clear()
 
 
-def _plain_attention(model: Any) -> bool:
+def _has_plain_attention(model: Any) -> bool:
     """Whether every layer's cache is a plain growing key/value cache (no sliding window, no recurrent state)."""
     cfg = model.config
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return False
-    types = getattr(cfg, "layer_types", None)
-    return not types or all(t == "full_attention" for t in types)
+    layer_types = getattr(cfg, "layer_types", None)
+    return not layer_types or all(kind == "full_attention" for kind in layer_types)
 
 
 class OpenAIPolicy:
@@ -403,33 +281,27 @@ class OpenAIPolicy:
         context: PolicyContext,
         model: str,
         base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str = DEFAULT_API_KEY_ENV,
         temperature: float = 0.0,
         max_new_tokens: int = 256,
-        timeout: float = 120.0,
-        max_retries: int = 4,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         concurrency: int = 8,
         cache_path: str | None = None,
         prices: dict[str, Any] | None = None,
     ):
-        from atlas_exp.llm.client import ChatClient
-
-        api_key = os.environ.get(api_key_env)
-        if not api_key and not base_url:
-            raise ConfigError(
-                f"policy=openai needs policy.base_url (a local vLLM / llama.cpp server) or an API key in ${api_key_env}"
-            )
-        self.model_name = str(model)
+        # the endpoint options are the client's own (same defaults, same checks), named as a policy's
+        self.client = ChatClient.from_env(
+            model=str(model), base_url=base_url, api_key_env=api_key_env, needs_endpoint="policy=openai",
+            option="policy", temperature=float(temperature), max_tokens=int(max_new_tokens), timeout=float(timeout),
+            max_retries=int(max_retries), response_format="none", seed=context.seed, prices=prices or {},
+            cache_path=cache_path,
+        )
+        self.model_name = self.client.model
         self.base_url = base_url
         self.concurrency = max(1, int(concurrency))
-        self.client = ChatClient(
-            model=self.model_name, base_url=base_url, api_key=api_key, api_key_env=api_key_env,
-            temperature=float(temperature), max_tokens=int(max_new_tokens), timeout=float(timeout),
-            max_retries=int(max_retries), response_format="none", seed=context.seed, prices=prices or {},
-            cache_path=cache_path, option="policy",
-        )
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature = float(temperature)
+        self.max_new_tokens = self.client.max_tokens
+        self.temperature = self.client.temperature
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="policy")
 
     @property
@@ -440,9 +312,8 @@ class OpenAIPolicy:
         return {"policy": self.name, "model": self.model_name, "base_url": self.base_url,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
 
-    def _one(self, conversation: list[Message]) -> str | NoReply:
-        from atlas_exp.llm.client import LLMError
-
+    def _reply_to(self, conversation: list[Message]) -> str | NoReply:
+        """The endpoint's reply to one conversation (run `concurrency` at a time by `generate`)."""
         try:
             return self.client.chat(conversation).text.strip()
         except LLMError as e:
@@ -451,7 +322,7 @@ class OpenAIPolicy:
             return NoReply("no_reply", str(e))
 
     def generate(self, conversations: list[list[Message]]) -> list[str | NoReply]:
-        return list(self._pool.map(self._one, conversations))
+        return list(self._pool.map(self._reply_to, conversations))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

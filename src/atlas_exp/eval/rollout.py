@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
-from atlas_exp.eval.policy import Message, NoReply, Policy
+from atlas_exp.eval.policy_base import Message, NoReply, Policy
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from atlas_exp.config import build
 from atlas_exp.envs.base import Env
 from atlas_exp.errors import ConfigError
 from atlas_exp.eval.expert_steps import ExpertTrajectories, local_model, score_trajectory
-from atlas_exp.eval.policy import Policy, PolicyContext
+from atlas_exp.eval.policy_base import Policy, PolicyContext
 from atlas_exp.eval.results import METRICS, SPLITS, TaskInfo, format_table, summarize
 from atlas_exp.eval.rollout import EnvPool, EpisodeTask, run_episodes
 from atlas_exp.run_dir import RunDir

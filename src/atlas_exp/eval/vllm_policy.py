@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from atlas_exp.errors import ConfigError
-from atlas_exp.eval.policy import Message, ModelSource, NoReply, PolicyContext, encode_chat, stop_token_ids
+from atlas_exp.eval.model_source import ModelSource, encode_chat, stop_token_ids
+from atlas_exp.eval.policy_base import Message, NoReply, PolicyContext
 
 
 class VLLMPolicy:

@@ -40,7 +40,7 @@ def policy_identity(policy: Any, temperature: float, model_cfg: Mapping[str, Any
 def build_policy(policy: Any, model_cfg: Mapping[str, Any], cache_dir: str, seed: int, temperature: float) -> Any:
     """The Policy of a policy config, sampling at `temperature` (`model: base` loads `model_cfg`)."""
     from atlas_exp.config import build
-    from atlas_exp.eval.policy import Policy, PolicyContext
+    from atlas_exp.eval.policy_base import Policy, PolicyContext
 
     ctx = PolicyContext(model_cfg=dict(model_cfg), run_model_dir=Path(cache_dir) / "no-trained-model",
                         cache_dir=cache_dir, seed=seed)
