@@ -96,11 +96,11 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """The end-of-turn tokens: eos plus the template's own turn terminator when it differs (<|eot_id|>)."""
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for x in (tokenizer.eos_token_id, gen_eos):
-        if isinstance(x, int):
-            ids.add(x)
-        elif isinstance(x, (list, tuple)):
-            ids.update(int(i) for i in x)
+    for eos in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(token) for token in eos)
     vocab = tokenizer.get_vocab()
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
         if tok in vocab:

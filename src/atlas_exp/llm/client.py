@@ -152,7 +152,7 @@ class ChatClient:
         self.schema_bounds = bool(schema_bounds)
         self.response_format = response_format
         if response_format == "auto":
-            self._levels = [f for f in FORMATS if self.schema_bounds or f != "json_schema_bounded"]
+            self._levels = [fmt for fmt in FORMATS if self.schema_bounds or fmt != "json_schema_bounded"]
         elif response_format == "json_schema":
             self._levels = ["json_schema_bounded" if self.schema_bounds else "json_schema"]
         elif response_format == "none":

@@ -33,26 +33,26 @@ class ReplyCache:
         self.skipped = 0
         if self.path.exists():
             self._load()
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")
         # after a torn last line, start on a fresh line so the next record stays parseable
         if self.path.stat().st_size and not self._ends_with_newline():
-            self._f.write("\n")
-            self._f.flush()
+            self._file.write("\n")
+            self._file.flush()
 
     def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
+        with open(self.path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) == b"\n"
 
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+        with open(self.path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                    if rec.get("v") == CACHE_VERSION:
-                        self._data[rec["key"]] = rec
+                    record = json.loads(line)
+                    if record.get("v") == CACHE_VERSION:
+                        self._data[record["key"]] = record
                 except (json.JSONDecodeError, KeyError, AttributeError):
                     self.skipped += 1  # a torn line from a crash, or a foreign one: ignore it
         if self.skipped:
@@ -66,17 +66,17 @@ class ReplyCache:
             return self._data.get(key)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        rec = {"v": CACHE_VERSION, "key": key, **record}
-        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        stored = {"v": CACHE_VERSION, "key": key, **record}
+        line = json.dumps(stored, ensure_ascii=False) + "\n"
         with self._lock:
-            self._data[key] = rec
-            if self._f.closed:
+            self._data[key] = stored
+            if self._file.closed:
                 return  # a request that finished after close(): keep it in memory only
-            self._f.write(line)
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         with self._lock:
-            if not self._f.closed:
-                self._f.close()
+            if not self._file.closed:
+                self._file.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 from atlas_exp.data.importers.options import ChatFields
@@ -18,20 +19,21 @@ from atlas_exp.errors import DataError
 
 def from_agentgym(record: Any, *, where: str, fields: ChatFields | None = None, **defaults: Any) -> Trajectory:
     """AgentGym ShareGPT: `conversations` of `{from, value, loss}`; `loss: false` = not trainable."""
-    given = fields or ChatFields()
-    fields = ChatFields(messages_key=given.messages_key or "conversations", role_key=given.role_key or "from",
-                        content_key=given.content_key or "value", loss_key=given.loss_key,
-                        weight_key=given.weight_key, roles=given.roles)
+    fields = _keys_or(fields, messages_key="conversations", role_key="from", content_key="value")
     return _from_chat(record, where=where, fields=fields, **defaults)
 
 
 def from_openai(record: Any, *, where: str, fields: ChatFields | None = None, **defaults: Any) -> Trajectory:
     """OpenAI chat: `messages` of `{role, content, weight?, tool_calls?}`; `weight: 0` = not trainable."""
-    given = fields or ChatFields()
-    fields = ChatFields(messages_key=given.messages_key or "messages", role_key=given.role_key or "role",
-                        content_key=given.content_key or "content", loss_key=given.loss_key,
-                        weight_key=given.weight_key, roles=given.roles)
+    fields = _keys_or(fields, messages_key="messages", role_key="role", content_key="content")
     return _from_chat(record, where=where, fields=fields, **defaults)
+
+
+def _keys_or(fields: ChatFields | None, *, messages_key: str, role_key: str, content_key: str) -> ChatFields:
+    """The field map with a format's own keys wherever the options name none."""
+    given = fields or ChatFields()
+    return replace(given, messages_key=given.messages_key or messages_key, role_key=given.role_key or role_key,
+                   content_key=given.content_key or content_key)
 
 
 def from_generic(record: Any, *, where: str, fields: ChatFields | None = None,

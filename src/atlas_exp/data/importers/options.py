@@ -44,13 +44,13 @@ def _optional_key(option: str, value: Any) -> str | None:
     return value
 
 
-def _plain(v: Any) -> Any:
+def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain dicts/lists."""
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and not isinstance(v, (str, bytes))):
-        return [_plain(x) for x in v]
-    return v
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes))):
+        return [_plain(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class TranscriptOptions:
         unknown = sorted(set(given) - known)
         if unknown:
             raise ConfigError(f"transcript: unknown option(s) {unknown}; known: {sorted(known)}")
-        given = {k: v for k, v in given.items() if v is not None}
+        given = {key: value for key, value in given.items() if value is not None}
         for key in ("agent_markers", "observation_markers"):
             if key in given:
                 value = given[key]
