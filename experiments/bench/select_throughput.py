@@ -18,7 +18,8 @@ SmolLM2-135M-Instruct on the CPU in fp32. Target: ours >= 5x the reference.
 
 Why it is fair: same model object, same thread count, same trajectories, both under
 `torch.inference_mode()`, both after a warm-up forward; the timed region of each is the scoring only
-(tokenization included on both sides). Both must give the same scores: the max absolute difference of the
+(tokenization included on both sides). Each side runs `--repeats` times (default 3), the order alternating
+from one repeat to the next (ours first, then the reference first, ...); steps/s are medians with their range. Both must give the same scores: the max absolute difference of the
 scores and of both losses is reported (and the benchmark fails above `--tolerance`).
 """
 
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="selector.batch_size (conf: 8)")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="selector.max_batch_tokens (conf: 8192)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs score difference accepted")
+    common.add_repeats_option(p)
     args = p.parse_args()
     common.setup_env(args.threads)
     started = time.time()
@@ -99,14 +101,20 @@ def main() -> None:
     model, tok = sel.model, sel.tokenizer
     with torch.inference_mode():  # warm-up: first-call allocations out of both timings
         model(input_ids=torch.tensor([tok("warm up " * 64)["input_ids"]]), use_cache=False, logits_to_keep=1)
-    print(f"[{NAME}] {len(trajs)} {args.env} trajectories, {n_steps} steps; scoring (ours) ...", flush=True)
+    print(f"[{NAME}] {len(trajs)} {args.env} trajectories, {n_steps} steps", flush=True)
 
-    with common.stopwatch() as t_ours:
-        selections = list(sel.select(trajs))
-    print(f"[{NAME}]   ours: {t_ours['seconds']:.1f} s ({n_steps / t_ours['seconds']:.2f} steps/s); reference ...", flush=True)
-    with common.stopwatch() as t_ref:
-        ref, ref_parts = reference(model, tok, trajs)
-    print(f"[{NAME}]   reference: {t_ref['seconds']:.1f} s ({n_steps / t_ref['seconds']:.2f} steps/s)", flush=True)
+    seconds: dict[str, list[float]] = {"ours": [], "reference": []}
+    ref_parts_runs: list[dict] = []
+    for r, side in common.alternating(["ours", "reference"], args.repeats):
+        with common.stopwatch() as t:
+            if side == "ours":
+                selections = list(sel.select(trajs))
+            else:
+                ref, ref_parts = reference(model, tok, trajs)
+                ref_parts_runs.append(ref_parts)
+        seconds[side].append(t["seconds"])
+        print(f"[{NAME}]   run {r + 1}/{args.repeats}, {side}: {t['seconds']:.1f} s ({n_steps / t['seconds']:.2f} steps/s)",
+              flush=True)
 
     d_score = d_cond = d_alone = 0.0
     windowed = 0
@@ -123,17 +131,20 @@ def main() -> None:
         set(sorted(range(len(r["scores"])), key=lambda k: (-r["scores"][k], k))[: len(s.selected_steps)]) == set(s.selected_steps)
         for s, r in zip(selections, ref)
     )
-    ours_sps = n_steps / t_ours["seconds"]
-    ref_sps = n_steps / t_ref["seconds"]
+    rates = {side: [n_steps / x for x in seconds[side]] for side in seconds}
+    ours_sps, ref_sps = common.spread(rates["ours"]), common.spread(rates["reference"])
+    ratios = common.paired_ratios(rates["ours"], rates["reference"])
     figures = {
         "n_trajectories": len(trajs),
         "n_steps": n_steps,
         "tokens_per_trajectory": [r["tokens"] for r in ref],
-        "ours_seconds": round(t_ours["seconds"], 3),
-        "reference_seconds": round(t_ref["seconds"], 3),
-        "reference_breakdown": ref_parts,
-        "ours_steps_per_s": round(ours_sps, 4),
-        "reference_steps_per_s": round(ref_sps, 4),
+        "repeats": args.repeats,
+        "ours_seconds": common.spread(seconds["ours"]),
+        "reference_seconds": common.spread(seconds["reference"]),
+        "reference_breakdown": ref_parts_runs,
+        "ours_steps_per_s": ours_sps,
+        "reference_steps_per_s": ref_sps,
+        "ratio_per_repeat": ratios,
         "max_abs_diff": {"score": d_score, "loss_cond": d_cond, "loss_alone": d_alone},
         "same_selection_trajectories": same_top,
         "windowed_steps": windowed,
@@ -142,14 +153,17 @@ def main() -> None:
         "ids": [t.id for t in trajs],
     }
     comps = [
-        common.comparison("perplexity_delta steps/s", round(ours_sps, 4), round(ref_sps, 4), op=">=", target=5.0, unit="steps/s",
-                          ours_label="one-pass (PerplexitySelector)", baseline_label="one forward per step"),
+        common.comparison("perplexity_delta steps/s", round(ours_sps["median"], 4), round(ref_sps["median"], 4), op=">=", target=5.0,
+                          unit="steps/s", ours_label="one-pass (PerplexitySelector)", baseline_label="one forward per step",
+                          ranges={"ours": [ours_sps["min"], ours_sps["max"]], "baseline": [ref_sps["min"], ref_sps["max"]],
+                                  "ratio": [min(ratios), max(ratios)]}),
         common.comparison("max |score diff| (ours vs reference)", d_score, None, op="<=", target=args.tolerance, ratio=d_score,
                           ours_label="max abs diff", baseline_label="-"),
     ]
     notes = [
-        f"Timed on one thread each (threads={args.threads}), model loaded and warmed up before either timing; ours first, "
-        "then the reference, in the same process.",
+        f"Timed on one thread each (threads={args.threads}), model loaded and warmed up before either timing, in the same "
+        f"process; {args.repeats} run(s) per side, the order alternating (ours first in the first repeat); steps/s are "
+        "medians, [min-max] their range (the ratio's: of the per-repeat ratios). Scores are compared on the last run of each.",
         "The reference runs two forward passes per step (history+step, then step alone), batch 1, no deduplication of "
         "identical step contents; its alone part is reported separately in reference_breakdown (small next to the "
         "conditioned part). Ours batches sequences across trajectories and scores each distinct content alone once.",

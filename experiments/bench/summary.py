@@ -1,8 +1,10 @@
 """Print one table of every benchmark result in experiments/results/bench/*.json.
 
 Columns: benchmark, figure, ours, baseline, ratio (ours / baseline; "-" where there is no baseline and the
-target applies to `ours` itself), target, met? (yes / NO / - for informational rows). Quick runs (`--quick`: small sizes, a check
-that a benchmark runs, not a measurement to quote) are marked with `*`.
+target applies to `ours` itself), target, met? (yes / NO / - for informational rows). A benchmark run with
+repeats shows medians, each followed by its range over the repeats, `[min-max]` (for the ratio: the range of the
+per-repeat ratios). Quick runs (`--quick`: small sizes, a check that a benchmark runs, not a measurement to
+quote) are marked with `*`.
 
     python experiments/bench/summary.py [--dir DIR] [--markdown]
 """
@@ -48,10 +50,11 @@ def rows(results: list[dict]) -> list[list[str]]:
             table.append([
                 name,
                 c["figure"] + unit,
-                common.fmt(c.get("ours")),
-                common.fmt(c.get("baseline")),
+                common.fmt(c.get("ours")) + common.fmt_range(c, "ours"),
+                common.fmt(c.get("baseline")) + common.fmt_range(c, "baseline"),
                 # a row without a baseline (a rate, a cost) has no ratio: its value is under `ours`
-                (common.fmt(c.get("ratio")) + "x") if c.get("baseline") is not None and c.get("ratio") is not None else "-",
+                (common.fmt(c.get("ratio")) + "x" + common.fmt_range(c, "ratio"))
+                if c.get("baseline") is not None and c.get("ratio") is not None else "-",
                 c.get("target") or "-",
                 met,
             ])

@@ -1,4 +1,4 @@
-"""train_throughput: our masked finetuning (`atlas_exp.train.trainer.run_training`) vs TRL's `SFTTrainer`.
+"""train_throughput: our masked finetuning (the app's train stage, `atlas_exp.train.trainer`) vs TRL's `SFTTrainer`.
 
 What is compared: training throughput (real tokens/s and supervised tokens/s over the whole `train()` call)
 and the peak resident memory during `train()`, ours / TRL, on the same N real AgentTraj-L trajectories
@@ -9,11 +9,11 @@ max length, learning-rate schedule, seed and number of optimizer steps (one epoc
 Why it is a fair comparison:
 
 * Same sequences and labels. The selection (random, ratio 0.3, seeded) is written once to a run dir. Our
-  side runs the app's own `run_training` on it unchanged (composed config: `conf/config.yaml` + `train=lora`
-  + the size overrides below), which masks with `build_examples` and trains with `MaskedCollator`. The TRL
-  side calls the same `build_examples` with the same options (max_length, on_empty,
-  truncate_after_last_selected) and hands TRL an already tokenized `datasets.Dataset` with exactly two
-  columns, `input_ids` and `labels` (-100 outside the selected steps). TRL 1.x treats a dataset that has
+  side runs the app's own train stage on it, with the recipe steps `run_training` runs (`MaskedSFTRecipe`;
+  composed config: `conf/config.yaml` + `train=lora` + the size overrides below), which masks with
+  `build_examples` and trains with `MaskedCollator`. The TRL side takes the rows the same recipe's
+  `setup_data` step builds and hands TRL an already tokenized `datasets.Dataset` with exactly two columns,
+  `input_ids` and `labels` (-100 outside the selected steps). TRL 1.x treats a dataset that has
   `input_ids` as pre-tokenized (no chat template, no formatting function), uses a `labels` column as is,
   and pads with its own `DataCollatorForLanguageModeling` (pad token / -100 on the right, like ours);
   `packing=False`, `padding_free=False`, `completion_only_loss`/`assistant_only_loss` unused, its
@@ -21,14 +21,17 @@ Why it is a fair comparison:
 * Same batches in the same order: both trainers are wrapped by the same instrumentation (a recording
   collator), and the benchmark checks that the sha1 of every batch's input_ids and labels is identical on
   both sides, batch for batch (`figures.same_batches`); it fails otherwise.
-* Same optimisation: same TrainingArguments values (checked: `figures.args_equal`), TRL's own defaults that
+* Same optimisation: same TrainingArguments values (the recipe's `train.*` TrainingArguments fields,
+  `atlas_exp.train.options.training_arguments`; checked: `figures.args_equal`), TRL's own defaults that
   differ from transformers' (gradient_checkpointing=True, bf16=True, logging_steps=10, lr=2e-5) are
   overridden to ours; checkpoints are not written inside `train()` on either side; no reporting backend.
-* Same model: the same converted SmolLM2 folder, fp32, `use_cache=False`; ours wraps it with peft's
-  `get_peft_model`, TRL with the same `LoraConfig` passed as `peft_config` (TRL's documented way).
+* Same model: the recipe's `setup_base_model` (the converted SmolLM2 folder, fp32, `use_cache=False`); ours
+  wraps it with peft's `get_peft_model`, TRL with the recipe's same `lora_config()` passed as `peft_config`
+  (TRL's documented way).
 * Timed: only `trainer.train()` (model loading, masking, TRL's dataset preparation and saving excluded on
   both sides), each side in its own fresh child process (so each has its own memory peak), run one after
-  the other, never at the same time; `--repeats R` alternates the order and reports medians.
+  the other, never at the same time; `--repeats R` (default 3) runs each side R times, the order alternating
+  from one repeat to the next (ours first, then TRL first, ...), and reports medians with their range.
 
 Not identical, by design of each library (see `notes` in the JSON): TRL computes its loss with its own LM
 head path and logs entropy / token accuracy every step; ours (train.supervised_logits_only, the default)
@@ -40,7 +43,6 @@ compared.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -58,9 +60,9 @@ def _overrides(args) -> list[str]:
         "logger=none",
         "train=lora",
         f"train.max_length={args.max_length}",
-        f"train.per_device_batch_size={args.batch_size}",
-        f"train.grad_accum={args.grad_accum}",
-        "train.epochs=1",
+        f"train.per_device_train_batch_size={args.batch_size}",
+        f"train.gradient_accumulation_steps={args.grad_accum}",
+        "train.num_train_epochs=1",
         "train.max_steps=-1",
         # no checkpoint inside the timed train() (TRL side: save_strategy=no)
         "train.save_steps=1000000000",
@@ -76,61 +78,43 @@ def worker_ours(args) -> dict:
 
 
 def worker_trl(args) -> dict:
+    """TRL's SFTTrainer on what our recipe's own steps build: the same masked rows (`setup_data`), base model
+    (`setup_base_model`), LoRA config (`lora_config`, handed to TRL as `peft_config`, its documented way) and
+    TrainingArguments values (`training_arguments`, train/options.py)."""
     import torch
     from datasets import Dataset
-    from omegaconf import OmegaConf
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from atlas_exp.config import compose
-    from atlas_exp.models import ModelSpec, load_model, load_tokenizer
-    from atlas_exp.run_dir import RunDir, read_selections, read_trajectories
-    from atlas_exp.train.masking import build_examples
-    from atlas_exp.train.trainer import optimisation_arguments
+    from atlas_exp.run_dir import RunDir
+    from atlas_exp.train.options import training_arguments
+    from atlas_exp.train.trainer import MaskedSFTRecipe
 
     cfg = compose(_overrides(args))
-    tc = cfg.train
-    spec = ModelSpec.from_cfg(cfg.model)
-    rd = RunDir(Path(args.run_dir))
-    tok = load_tokenizer(spec, cfg.cache_dir)
-    # exactly the call run_training makes
-    examples, stats = build_examples(
-        tok, read_trajectories(rd.trajectories), read_selections(rd.selection),
-        max_length=int(tc.max_length), on_empty=str(tc.on_empty),
-        truncate_after_last_selected=bool(tc.truncate_after_last_selected), progress=False,
-    )
-    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
-
-    model = load_model(spec, cfg.cache_dir, dtype=torch.float32)  # fp32 on CPU, as get_precision("auto") gives
-    model.config.use_cache = False
-    lc = tc.lora
-    target = lc.target_modules
-    target = list(target) if OmegaConf.is_list(target) else str(target)
-    peft_config = LoraConfig(r=int(lc.r), lora_alpha=int(lc.alpha), lora_dropout=float(lc.dropout), target_modules=target, task_type="CAUSAL_LM")
+    recipe = MaskedSFTRecipe(cfg, RunDir(Path(args.run_dir)), progress=False)
+    tokenizer = recipe.setup_tokenizer()
+    data = recipe.setup_data(tokenizer)
+    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in data.rows], "labels": [r["labels"] for r in data.rows]})
     sft = SFTConfig(
         # the very values our trainer passes to its TrainingArguments (precision: fp32 on CPU, as ours resolves)
-        **optimisation_arguments(cfg, "fp32"),
+        **{**training_arguments(cfg.train, precision=recipe.precision, seed=int(cfg.seed), use_cpu=not torch.cuda.is_available()),
+           "save_strategy": "no"},
         output_dir=str(Path(args.run_dir) / "trl_out"),
-        gradient_checkpointing=bool(tc.gradient_checkpointing),
-        save_strategy="no",
         report_to="none",
         disable_tqdm=True,
         # train on exactly our labels: no packing, no padding-free, no re-tokenizing
         packing=False,
         padding_free=False,
-        max_length=int(tc.max_length),
+        max_length=int(cfg.train.max_length),
         shuffle_dataset=False,
         dataset_num_proc=None,
     )
-    trainer_cls = common.instrument_trainer(SFTTrainer)
-    trainer_cls.bench_records = []
-    trainer = trainer_cls(model=model, args=sft, train_dataset=ds, processing_class=tok, peft_config=peft_config)
-    trainer.train()
-    (rec,) = trainer_cls.bench_records
-    rec["collator"] = type(trainer._bench_collator.inner).__module__ + "." + type(trainer._bench_collator.inner).__name__
+    trainer = SFTTrainer(model=recipe.setup_base_model(), args=sft, train_dataset=ds, processing_class=tokenizer,
+                         peft_config=recipe.lora_config())
+    _, rec = common.record_training(trainer)
     rec["dataset_columns"] = list(trainer.train_dataset.column_names)
     rec["dataset_rows"] = len(trainer.train_dataset)
-    return {"record": rec, "masking_stats": stats}
+    return {"record": rec, "masking_stats": data.stats}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -141,9 +125,9 @@ def main() -> None:
     p.add_argument("--env", default="textcraft", help="AgentTraj-L env file(s), comma-separated (default textcraft)")
     p.add_argument("--ratio", type=float, default=0.3, help="share of steps selected (random selector)")
     p.add_argument("--max-length", type=int, default=2048, help="train.max_length (conf/train/lora.yaml: 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="train.per_device_batch_size (conf: 1)")
-    p.add_argument("--grad-accum", type=int, default=4, help="train.grad_accum (conf: 4)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the order; medians reported")
+    p.add_argument("--batch-size", type=int, default=1, help="train.per_device_train_batch_size (conf: 1)")
+    p.add_argument("--grad-accum", type=int, default=4, help="train.gradient_accumulation_steps (conf: 4)")
+    common.add_repeats_option(p)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse_hidden())
     p.add_argument("--worker-out", type=Path, help=argparse_hidden())
     p.add_argument("--run-dir", type=Path, help=argparse_hidden())
@@ -167,23 +151,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for r in range(args.repeats):
-            order = ["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]
-            for side in order:
-                rd = Path(tmp) / f"{side}{r}"
-                rd.mkdir()
-                common.write_trajectories(rd / "trajectories.jsonl", trajs)
-                common.write_selections(rd / "selection.jsonl", sels)
-                wargs = ["--worker", side, "--run-dir", str(rd), "--cache-dir", str(args.cache_dir), "--seed", str(args.seed),
-                         "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-                         "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
-                print(f"[{NAME}] run {r + 1}/{args.repeats}: {side} ...", flush=True)
-                res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=side)
-                s = common.trainer_summary(res["record"])
-                print(f"[{NAME}]   {side}: {s['train_seconds']:.1f} s, {s['optimizer_steps']} steps, "
-                      f"{s['tokens_per_s']:.1f} tok/s, {s['supervised_tokens_per_s']:.1f} sup tok/s, "
-                      f"peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
-                runs[side].append(res)
+        for r, side in common.alternating(["ours", "trl"], args.repeats):
+            rd = Path(tmp) / f"{side}{r}"
+            rd.mkdir()
+            common.write_trajectories(rd / "trajectories.jsonl", trajs)
+            common.write_selections(rd / "selection.jsonl", sels)
+            wargs = ["--worker", side, "--run-dir", str(rd), "--cache-dir", str(args.cache_dir), "--seed", str(args.seed),
+                     "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+                     "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+            print(f"[{NAME}] run {r + 1}/{args.repeats}: {side} ...", flush=True)
+            res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=side)
+            s = common.trainer_summary(res["record"])
+            print(f"[{NAME}]   {side}: {s['train_seconds']:.1f} s, {s['optimizer_steps']} steps, "
+                  f"{s['tokens_per_s']:.1f} tok/s, {s['supervised_tokens_per_s']:.1f} sup tok/s, "
+                  f"peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
+            runs[side].append(res)
 
     ours0, trl0 = runs["ours"][0]["record"], runs["trl"][0]["record"]
 
@@ -195,18 +177,28 @@ def main() -> None:
     args_diff = {k: (ours0["args"].get(k), trl0["args"].get(k)) for k in sorted(arg_keys) if ours0["args"].get(k) != trl0["args"].get(k)}
     same_steps = ours0["global_step"] == trl0["global_step"]
 
-    def med(side: str, key: str) -> float:
-        return statistics.median(common.trainer_summary(x["record"])[key] for x in runs[side])
+    def values(side: str, key: str) -> list[float]:
+        return [common.trainer_summary(x["record"])[key] for x in runs[side]]  # in repeat order
 
-    figs = {side: {k: med(side, k) for k in ("train_seconds", "tokens_per_s", "supervised_tokens_per_s", "peak_rss_mb",
-                                             "peak_rss_increase_mb", "rss_before_mb", "step_seconds_median_after_first")}
-            for side in ("ours", "trl")}
+    keys = ("train_seconds", "tokens_per_s", "supervised_tokens_per_s", "peak_rss_mb", "peak_rss_increase_mb",
+            "rss_before_mb", "step_seconds_median_after_first")
+    spreads = {side: {k: common.spread(values(side, k)) for k in keys} for side in ("ours", "trl")}
+    figs = {side: {k: v["median"] for k, v in spreads[side].items()} for side in spreads}
+
+    def row(figure: str, key: str, **kw) -> dict:
+        ours, trl = spreads["ours"][key], spreads["trl"][key]
+        ratios = common.paired_ratios(values("ours", key), values("trl", key))
+        return common.comparison(figure, ours["median"], trl["median"], baseline_label="TRL SFTTrainer",
+                                 ranges={"ours": [ours["min"], ours["max"]], "baseline": [trl["min"], trl["max"]],
+                                         "ratio": [min(ratios), max(ratios)] if ratios else []}, **kw)
+
     per_run = {side: [common.trainer_summary(x["record"]) | {"process_wall_seconds": x["_process_wall_seconds"]} for x in runs[side]]
                for side in ("ours", "trl")}
     figures = {
         "n_trajectories": len(trajs),
         "envs": envs,
         "median": figs,
+        "spread": spreads,
         "runs": per_run,
         "same_batches": same_batches,
         "n_batches": len(ours0["batches"]),
@@ -228,19 +220,17 @@ def main() -> None:
         "first_batches": ours0["batches"][:3],
     }
     comps = [
-        common.comparison("tokens/s (all real tokens)", figs["ours"]["tokens_per_s"], figs["trl"]["tokens_per_s"],
-                          op=">=", target=1.0, unit="tok/s", baseline_label="TRL SFTTrainer"),
-        common.comparison("supervised tokens/s", figs["ours"]["supervised_tokens_per_s"], figs["trl"]["supervised_tokens_per_s"],
-                          op=">=", target=1.0, unit="tok/s", baseline_label="TRL SFTTrainer"),
-        common.comparison("peak RSS during train()", figs["ours"]["peak_rss_mb"], figs["trl"]["peak_rss_mb"],
-                          op=None, target=None, unit="MB", baseline_label="TRL SFTTrainer"),
+        row("tokens/s (all real tokens)", "tokens_per_s", op=">=", target=1.0, unit="tok/s"),
+        row("supervised tokens/s", "supervised_tokens_per_s", op=">=", target=1.0, unit="tok/s"),
+        row("peak RSS during train()", "peak_rss_mb", op=None, target=None, unit="MB"),
     ]
     from atlas_exp.config import compose
 
-    supervised_only = bool(compose(_overrides(args)).train.get("supervised_logits_only", False))
+    supervised_only = bool(compose(_overrides(args)).train.supervised_logits_only)
     notes = [
         "Timed: trainer.train() only, each side in its own child process, one after the other; "
-        f"{args.repeats} run(s) per side, medians. Threads: {args.threads}.",
+        f"{args.repeats} run(s) per side, the order alternating (ours first in the first repeat); medians, "
+        f"[min-max] their range (the ratio's: of the per-repeat ratios). Threads: {args.threads}.",
         "Same batches in the same order: " + ("verified by sha1 of every batch's input_ids and labels" if same_batches else "NOT verified: the batch digests differ"),
         "TRL's loss uses its own LM head path and it logs entropy / mean token accuracy at every step; ours "
         + ("projects only the supervised positions onto the vocabulary (train.supervised_logits_only=true, the default)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainerCallback
 
 from atlas_exp.train.loss import weighted_loss
@@ -62,9 +63,9 @@ class StepCounter(TrainerCallback):
 
 class RunStatsToWandb(TrainerCallback):
     """Puts the run's config and its supervised-token share and selection stats on the W&B run (config and
-    summary), when W&B is the reporting backend."""
+    summary), when W&B is the reporting backend (the config is resolved only then)."""
 
-    def __init__(self, config: dict[str, Any], run_stats: dict[str, Any]):
+    def __init__(self, config: DictConfig, run_stats: dict[str, Any]):
         self.config = config
         self.run_stats = run_stats
 
@@ -73,5 +74,5 @@ class RunStatsToWandb(TrainerCallback):
             import wandb
 
             if wandb.run is not None:
-                wandb.run.config.update({"atlas": self.config}, allow_val_change=True)
+                wandb.run.config.update({"atlas": OmegaConf.to_container(self.config, resolve=True)}, allow_val_change=True)
                 wandb.run.summary.update(self.run_stats)

@@ -129,6 +129,7 @@ class MaskedSFTRecipe:
         self.data: MaskedData | None = None
         self.model: Any = None
         self.trainer: Any = None
+        self.step_counter: Any = None  # setup_trainer's StepCounter
         self.resumed_from: str | None = None
 
     def setup(self) -> MaskedSFTRecipe:
@@ -264,7 +265,7 @@ class MaskedSFTRecipe:
             train_dataset=data.rows,
             data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[RunStatsToWandb(_plain(self.cfg), self.run_stats(data)), self.step_counter],
+            callbacks=[RunStatsToWandb(self.cfg, self.run_stats(data)), self.step_counter],
             **loss,
         )
 
