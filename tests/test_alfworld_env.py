@@ -29,6 +29,7 @@ from atlas_exp.envs.alfworld import (
     NOTHING_HAPPENS,
     SPLITS,
     TASK_TYPES,
+    TRAIN_SPLIT,
     AlfworldEnv,
     AlfworldEpisode,
     episode_ids,
@@ -338,6 +339,24 @@ def test_episode_listing(alfworld_data):
     env.close()
 
 
+def test_the_train_split_plays_when_its_folder_is_there(alfworld_data, tmp_path):
+    """The expert trajectories' games are of `train`: a data folder that has json_2.1.1/train/ plays them
+    (here one real valid_seen game copied in as a train game), named the way their `game_file` names them."""
+    game = list_episodes("valid_seen", alfworld_data)[0]
+    task, trial = game.game.split("/")[:2]
+    shutil.copytree(alfworld_data / "json_2.1.1" / "valid_seen" / task / trial, tmp_path / "json_2.1.1" / "train" / task / trial)
+    (ep,) = list_episodes(TRAIN_SPLIT, tmp_path)
+    assert ep.id == f"train/{task}/{trial}"
+    assert AlfworldEpisode.from_id(f"json_2.1.1/train/{task}/{trial}/game.tw-pddl", TRAIN_SPLIT) == ep
+    env = AlfworldEnv(tmp_path, split=TRAIN_SPLIT)
+    seen = AlfworldEnv(alfworld_data, split="valid_seen")
+    try:
+        assert env.reset(ep) == seen.reset(game)
+    finally:
+        env.close()
+        seen.close()
+
+
 def test_config_errors(alfworld_data, monkeypatch, tmp_path):
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
     with pytest.raises(ConfigError) as e:
@@ -353,7 +372,10 @@ def test_config_errors(alfworld_data, monkeypatch, tmp_path):
         AlfworldEnv()
     monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))  # the fallback works
     assert AlfworldEnv(split="valid_unseen").root == alfworld_data.resolve()
-    with pytest.raises(ConfigError, match=r"AlfworldEnv split='train'"):
+    with pytest.raises(ConfigError, match=r"AlfworldEnv split='test': choose one of valid_train, .*, train"):
+        AlfworldEnv(alfworld_data, split="test")
+    # the train split (the expert trajectories' games) is played when its folder is there; ours has none
+    with pytest.raises(ConfigError, match=r"has no json_2\.1\.1/train/ folder"):
         AlfworldEnv(alfworld_data, split="train")
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match=r"AlfworldEnv max_steps"):

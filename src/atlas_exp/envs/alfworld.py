@@ -44,6 +44,9 @@ DEFAULT_MAX_STEPS = 30
 #: The splits in ALFWorld's `json_2.1.1` folder that we evaluate on; the first is the default.
 SPLITS = ("valid_train", "valid_unseen", "valid_seen")
 DEFAULT_SPLIT = SPLITS[0]
+#: ALFWorld's training games: never evaluated on, but played to restore the expert's trajectories (their
+#: `game_file` is of this split) when its folder is there (ALFWorld's full download has it)
+TRAIN_SPLIT = "train"
 
 #: ALFWorld's six text task types (`AlfredTWEnv.TASK_TYPES`); other folders are not games of the benchmark.
 TASK_TYPES = (
@@ -91,7 +94,7 @@ class AlfworldEpisode(EpisodeSpec):
             parts = parts[:-1]
         named = None
         for i, p in enumerate(parts[:-2]):
-            if p in SPLITS or p == "train":
+            if p in SPLITS or p == TRAIN_SPLIT:
                 named = p
                 parts = parts[i + 1:]
                 break
@@ -111,8 +114,8 @@ class AlfworldEpisode(EpisodeSpec):
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, split: str = DEFAULT_SPLIT) -> Path:
     """The data folder (`data_dir`, else `$ALFWORLD_DATA`), checked to hold `json_2.1.1/<split>`."""
-    if split not in SPLITS:
-        raise ConfigError(f"AlfworldEnv split={split!r}: choose one of {', '.join(SPLITS)}")
+    if split not in (*SPLITS, TRAIN_SPLIT):
+        raise ConfigError(f"AlfworldEnv split={split!r}: choose one of {', '.join((*SPLITS, TRAIN_SPLIT))}")
     given = data_dir if data_dir not in (None, "") else os.environ.get("ALFWORLD_DATA") or None
     if given is None:
         raise ConfigError(f"{DATA_DIR_OPTION} is not set and ALFWORLD_DATA is empty: {_DOWNLOAD_HINT}")
@@ -421,6 +424,7 @@ __all__ = [
     "INSTRUCTION",
     "NOTHING_HAPPENS",
     "SPLITS",
+    "TRAIN_SPLIT",
     "TASK_TYPES",
     "AlfworldEnv",
     "AlfworldEpisode",
