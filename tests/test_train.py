@@ -221,13 +221,14 @@ def test_resume_after_a_killed_run_continues_from_its_last_checkpoint(tmp_path, 
 
 
 def _recipe(tmp_path: Path, *overrides: str):
-    """A recipe over an empty run dir (its options and TrainingArguments need no data)."""
+    """A recipe over the run dir `tmp_path`, empty unless it has data (its options and TrainingArguments need none)."""
     from atlas_exp.config import compose
     from atlas_exp.run_dir import RunDir
     from atlas_exp.train.trainer import MaskedSFTRecipe
 
     for name in ("trajectories.jsonl", "selection.jsonl"):
-        (tmp_path / name).write_text("")
+        if not (tmp_path / name).exists():
+            (tmp_path / name).write_text("")
     return MaskedSFTRecipe(compose(["logger=none", *overrides]), RunDir(tmp_path))
 
 
