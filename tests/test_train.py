@@ -263,6 +263,20 @@ def test_an_old_name_in_a_preset_stops_the_training_before_it_loads_anything(tmp
         run_training(compose(["+train.lr=1e-4"]), RunDir(tmp_path))
 
 
+def test_an_old_name_on_the_command_line_is_refused_with_the_new_name_before_hydra():
+    from atlas_exp.errors import ConfigError
+    from atlas_exp.train.options import check_override_names
+
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum is now train\.gradient_accumulation_steps, .* "
+                                          r"set train\.gradient_accumulation_steps=8$"):
+        check_override_names(["ratio=0.3", "train.grad_accum=8"])
+    with pytest.raises(ConfigError, match=r"^train\.seed is not set under train: it comes from seed=N"):
+        check_override_names(["+train.seed=3"])
+    # current names, fields to add with `+`, and other groups' keys are Hydra's business
+    check_override_names(["train.learning_rate=1e-4", "+train.adam_beta2=0.9", "train.lora.r=8", "data.max_steps=3",
+                          "selector.lr=1"])
+
+
 @pytest.mark.parametrize("key, where", [("seed", "seed=N"), ("bf16", "train.precision=bf16"), ("deepspeed", "deepspeed=<"),
                                         ("output_dir", "run_dir="), ("report_to", "logger=wandb|none"),
                                         ("resume_from_checkpoint", "resume=true")])

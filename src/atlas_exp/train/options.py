@@ -7,7 +7,8 @@ field of transformers' `TrainingArguments` under its own name (`learning_rate`, 
 user already knows, and any field of `TrainingArguments` can be set, e.g. `+train.adam_beta2=0.95` on the command
 line (the `+` adds a key the config file does not list) or `adam_beta2: 0.95` under `train:` in a preset.
 
-Refused, each as a ConfigError naming the option before anything is trained (`check_train_options`):
+Refused, each as a ConfigError naming the option before anything is trained (`check_train_options`; on the
+command line, before Hydra composes, `check_override_names`):
 
 * the names of before (`train.lr`, `train.grad_accum`, ...): with the name that replaced them (`RENAMED`), so
   that an old preset or command line is never silently half-applied;
@@ -109,6 +110,18 @@ def check_train_options(train: DictConfig | dict[str, Any]) -> None:
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(f"train.{key}: not an atlas_exp train option nor a field of transformers' "
                               f"TrainingArguments{hint}")
+
+
+def check_override_names(overrides: list[str]) -> None:
+    """Command-line overrides `train.<name of before>=...` or `train.<field another option sets>=...` refused as
+    `check_train_options` refuses them. Hydra would refuse them first, as keys the config does not have, with
+    advice to add them with a `+` (which `check_train_options` would then refuse): this says what to write instead
+    at once. Other keys are left to Hydra (for a TrainingArguments field, `+train.<field>=...` is the right advice)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        parts = key.lstrip("+~").split(".")
+        if len(parts) == 2 and parts[0] == "train" and (parts[1] in RENAMED or parts[1] in SET_ELSEWHERE):
+            check_train_options({parts[1]: value})
 
 
 def _shown(value: Any) -> str:
