@@ -353,8 +353,26 @@ def _tensor_digest(t) -> str:
     return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def causal_lm_labels(batch: dict[str, Any]):
+    """A batch's labels laid out as a causal LM's, [rows, length] (unshifted, -100 where nothing is learned),
+    whatever form the collator gave them: our collator's supervised positions as integers come with compact
+    targets, `[rows, 1 + K]` (atlas_exp.train.collator), which are put back at the positions they follow."""
+    import torch
+
+    labels, keep = batch["labels"], batch.get("logits_to_keep")
+    if not isinstance(keep, torch.Tensor) or keep.dtype == torch.bool or keep.dim() != 2:
+        return labels
+    full = torch.full_like(batch["input_ids"], -100)
+    targets = labels[:, 1:]
+    valid = targets != -100
+    rows = torch.arange(len(keep))[:, None].expand_as(keep)
+    full[rows[valid], keep[valid] + 1] = targets[valid]
+    return full
+
+
 class RecordingCollator:
-    """Wraps a data collator: per batch, a digest of input_ids/labels and its real / supervised token counts.
+    """Wraps a data collator: per batch, a digest of input_ids/labels (as a causal LM's, `causal_lm_labels`)
+    and its real / supervised token counts.
 
     Identical digest lists on two trainers prove that they saw the same batches in the same order."""
 
@@ -364,7 +382,7 @@ class RecordingCollator:
 
     def __call__(self, features):
         out = self.inner(features)
-        ids, labels = out["input_ids"], out["labels"]
+        ids, labels = out["input_ids"], causal_lm_labels(out)
         mask = out.get("attention_mask")
         self.batches.append({
             "ids": _tensor_digest(ids),
