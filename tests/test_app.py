@@ -66,7 +66,7 @@ def test_zero3_offload_extends_zero3():
 
 def test_full_finetuning_preset_has_no_lora():
     cfg = compose(["train=full"])
-    assert cfg.train.mode == "full" and cfg.train.lora is None and cfg.train.lr == 1e-5
+    assert cfg.train.mode == "full" and cfg.train.lora is None and cfg.train.learning_rate == 1e-5
 
 
 def test_cfg_job_prints_the_composed_config_without_running():

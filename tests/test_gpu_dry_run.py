@@ -28,7 +28,7 @@ import run as gpu_run  # noqa: E402
 def test_preset_is_the_issue_s_experiment():
     c = compose(["experiment=gpu_agenttraj"])
     assert [p.rsplit("/", 1)[-1] for p in c.data.path] == ["babyai.jsonl", "textcraft.jsonl"]
-    assert c.train.mode == "full" and c.train.precision == "bf16" and c.train.epochs >= 2 and c.ratio == 0.3
+    assert c.train.mode == "full" and c.train.precision == "bf16" and c.train.num_train_epochs >= 2 and c.ratio == 0.3
     assert c.train.packing and c.train.supervised_logits_only
     tasks = {k: v for k, v in c.eval.tasks.items() if v is not None}
     assert {k: (t.split, t.episodes.count) for k, t in tasks.items()} == {"textcraft": ("held_in", 100), "babyai": ("held_in", 90)}

@@ -478,8 +478,8 @@ def test_variant_splits_rows_only_on_overrides_not_shared_by_the_sweep():
         return RunRow(run_id=f"{sel}{seed}{extra}", selector=sel, ratio=0.3, seed=seed, model="m", complete=True,
                       split_averages={"held_in": 10.0 * seed},
                       overrides=[f"selector={sel}", "ratio=0.3", f"seed={seed}", "logger=none", *extra])
-    rows = [run("random", 1, "train.lr=1e-5"), run("random", 2, "train.lr=1e-5"), run("random", 1, "train.lr=2e-5")]
+    rows = [run("random", 1, "train.learning_rate=1e-5"), run("random", 2, "train.learning_rate=1e-5"), run("random", 1, "train.learning_rate=2e-5")]
     mark_variants(rows)
-    assert [r.variant for r in rows] == ["train.lr=1e-5", "train.lr=1e-5", "train.lr=2e-5"]
+    assert [r.variant for r in rows] == ["train.learning_rate=1e-5", "train.learning_rate=1e-5", "train.learning_rate=2e-5"]
     t = aggregate(rows)
-    assert [(r.key.variant, r.n) for r in t.rows] == [("train.lr=1e-5", 2), ("train.lr=2e-5", 1)]
+    assert [(r.key.variant, r.n) for r in t.rows] == [("train.learning_rate=1e-5", 2), ("train.learning_rate=2e-5", 1)]

@@ -41,7 +41,8 @@ def fake_run(root: Path, selector: str, ratio: float, seed: int, *, env_eps: dic
     steps (id -> selected steps), summaries; results.json made by the eval stage's own summarize."""
     d = root / f"ratio={ratio},seed={seed},selector={selector}"
     cfg = {"selector": {"_target_": TARGET[selector]}, "ratio": ratio, "seed": seed, "model": {"name": "m"},
-           "train": {"epochs": 2, "max_steps": -1, "per_device_batch_size": 1, "grad_accum": 1}}
+           "train": {"num_train_epochs": 2, "max_steps": -1, "per_device_train_batch_size": 1,
+                     "gradient_accumulation_steps": 1}}
     _dump(d / ".hydra" / "config.yaml", cfg)  # JSON is YAML
     _dump(d / ".hydra" / "overrides.yaml", [f"selector={selector}", f"ratio={ratio}", f"seed={seed}"])
     selected = selected or {"t0": {0}, "t1": {1}, "t2": {2}}
@@ -251,3 +252,16 @@ def test_bad_bootstrap_flag_is_one_line(tmp_path, bad):
     r = subprocess.run([sys.executable, "-m", "atlas_exp.report", str(tmp_path), "--bootstrap", bad], cwd=REPO,
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("names", [("num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps"),
+                                   ("epochs", "per_device_batch_size", "grad_accum")])
+def test_tokens_processed_reads_the_trainingarguments_names_and_the_old_ones(names):
+    """Run dirs written before the options took TrainingArguments' names still get their compute figure."""
+    from atlas_exp.report.collect import tokens_processed
+
+    epochs, batch, accum = names
+    summary = {"data/n_tokens": 1000, "n_examples": 10, "global_step": 3, "world_size": 2}
+    assert tokens_processed(summary, {epochs: 2, "max_steps": -1, batch: 4, accum: 5}) == 2000
+    # max_steps > 0: global_step x global batch (4 x 5 x 2 ranks) / 10 examples = 12 epochs of 1000 tokens
+    assert tokens_processed(summary, {epochs: 2, "max_steps": 3, batch: 4, accum: 5}) == 12000

@@ -54,7 +54,7 @@ def test_api_keys_are_written_nowhere(tmp_path, agenttraj_dir):
     env.update(keys, HOME=str(home), TMPDIR=str(tmp), WANDB_MODE="offline", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "atlas_exp", f"run_dir={rd}", f"cache_dir={cache}", "logger=wandb",
            "data=local", f"data.path={data}", "selector=random", "ratio=0.5",
-           "train.max_steps=2", "train.max_length=768", "train.per_device_batch_size=1", "train.grad_accum=1",
+           "train.max_steps=2", "train.max_length=768", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1",
            "train.logging_steps=1",
            "eval=smoke", "~eval.tasks.babyai", "~eval.tasks.sciworld", "eval.tasks.textcraft.episodes.count=1",
            "eval.tasks.textcraft.max_turns=2", "eval.max_new_tokens=16"]

@@ -57,7 +57,7 @@ def measure(overrides: list[str]) -> dict:
             by_env: dict[str, list[int]] = {}
             for t, e in zip(trajs, examples):
                 by_env.setdefault(t.env, []).append(len(e.input_ids))
-            batch = int(cfg.train.per_device_batch_size) * int(cfg.train.grad_accum)
+            batch = int(cfg.train.per_device_train_batch_size) * int(cfg.train.gradient_accumulation_steps)
             out["rows"][row] = {
                 "trajectories": len(trajs),
                 "steps": sum(s.n_steps for s in sels),
@@ -68,7 +68,7 @@ def measure(overrides: list[str]) -> dict:
                 "n_truncated": stats["n_truncated"],
                 "n_selected_tokens_lost": stats["n_selected_tokens_lost"],
                 "optimizer_steps_per_epoch": -(-len(examples) // batch),
-                "micro_batches_per_epoch": -(-len(examples) // int(cfg.train.per_device_batch_size)),
+                "micro_batches_per_epoch": -(-len(examples) // int(cfg.train.per_device_train_batch_size)),
                 "seconds_here": round(time.perf_counter() - t0, 1),
             }
             print(f"[sizing] {row}: {json.dumps(out['rows'][row]['tokens_trained_on'])}, "

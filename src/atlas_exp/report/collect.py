@@ -200,21 +200,27 @@ def read_run(run_dir: Path, sweep_dir: Path) -> RunRow:
 def tokens_processed(train_sum: Mapping[str, Any], train_cfg: Any) -> float | None:
     """Input tokens the model processed over its whole training: the examples' tokens per epoch times the
     epochs run. With `train.max_steps > 0` the epochs run are global_step x global batch / examples (an
-    estimate: it assumes the examples seen have the mean length); otherwise `train.epochs`."""
+    estimate: it assumes the examples seen have the mean length); otherwise `train.num_train_epochs`. Run dirs written before the TrainingArguments names
+    (`per_device_batch_size`, `grad_accum`, `epochs`) are read under those."""
     n_tokens, n_examples = as_number(train_sum.get("data/n_tokens")), as_number(train_sum.get("n_examples"))
     if n_tokens is None or not isinstance(train_cfg, Mapping):
         return None
     max_steps = as_number(train_cfg.get("max_steps"))
     if max_steps is not None and max_steps > 0:
         step = as_number(train_sum.get("global_step"))
-        batch_size = as_number(train_cfg.get("per_device_batch_size"))
-        grad_accum = as_number(train_cfg.get("grad_accum"))
+        batch_size = as_number(_option(train_cfg, "per_device_train_batch_size", "per_device_batch_size"))
+        grad_accum = as_number(_option(train_cfg, "gradient_accumulation_steps", "grad_accum"))
         world = as_number(train_sum.get("world_size")) or 1.0
         if step is None or batch_size is None or grad_accum is None or not n_examples:
             return None
         return n_tokens * step * batch_size * grad_accum * world / n_examples
-    epochs = as_number(train_cfg.get("epochs"))
+    epochs = as_number(_option(train_cfg, "num_train_epochs", "epochs"))
     return n_tokens * epochs if epochs is not None else None
+
+
+def _option(train_cfg: Mapping[str, Any], name: str, old_name: str) -> Any:
+    """A train option under its TrainingArguments name, else under the name a run dir of before used."""
+    return train_cfg[name] if name in train_cfg else train_cfg.get(old_name)
 
 
 def _episode(record: Mapping[str, Any], metric: str | None) -> Episode | None:

@@ -70,7 +70,7 @@ def mark_variants(rows: Iterable[RunRow]) -> None:
     """Add to each row's variant the overrides that set it apart from the rest of the sweep.
 
     Overrides every run shares (the sweep's fixed settings) are not a variant; the key overrides
-    (selector, ratio, seed, ...) are the row key itself. So `train.lr=1e-5,2e-5` in a sweep gives two rows
+    (selector, ratio, seed, ...) are the row key itself. So `train.learning_rate=1e-5,2e-5` in a sweep gives two rows
     per selector and ratio instead of one mean over two learning rates.
     """
     rows = list(rows)
