@@ -242,6 +242,7 @@ def test_the_error_messages_the_readme_quotes_are_the_real_ones(tmp_path):
         [*local, "data.path=dialogs.jsonl", "data.messages_key=dialog"],
         [*local, "data.path=dialogs.jsonl", "data.messages_key=dialog", "data.role_key=speaker"],
         [*local, "data.path=data2"],
+        ["train.lr=1e-4"],
     ]
     for i, over in enumerate(scenarios):
         line = one_line_error(app(f"run_dir={tmp_path}/r{i}", *over, cwd=tmp_path))

@@ -61,6 +61,9 @@ def _before_hydra(argv: list[str]) -> None:
         return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = command_line_overrides(argv)
+    from atlas_exp.train.options import check_override_names
+
+    check_override_names(overrides)  # train.lr=... names train.learning_rate, before Hydra's "add it with +"
     check_overrides(overrides, multirun=multirun)
     if multirun or any(a in ("--cfg", "-c") for a in argv):
         return
