@@ -44,6 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
+import repeats
+import train_timing
+import workers
 
 NAME = "critical_step_compute"
 
@@ -73,7 +77,7 @@ def run_pair(args, tmp: Path, label: str, gbl: bool, bs: int, ga: int, trajs, se
     """Every repeat of one pair, the conditions' order alternating; a list of per-run summaries (with
     `repeat` and `condition`). Raises WorkerMemoryLimit as `run_worker` does."""
     runs = []
-    for r, cond in common.alternating(CONDITIONS, args.repeats):
+    for r, cond in repeats.alternating(CONDITIONS, args.repeats):
         rd = tmp / f"{label}-{cond}-{r}"
         rd.mkdir()
         common.write_trajectories(rd / "trajectories.jsonl", trajs)
@@ -82,8 +86,8 @@ def run_pair(args, tmp: Path, label: str, gbl: bool, bs: int, ga: int, trajs, se
         for o in _overrides(args, group_by_length=gbl, batch_size=bs, grad_accum=ga):
             wargs += ["--ov", o]
         print(f"[{NAME}] {label} repeat {r + 1}/{args.repeats}: {cond} ...", flush=True)
-        res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=f"{label}-{cond}-{r}")
-        s = common.trainer_summary(res["record"])
+        res = workers.run_worker(Path(__file__), wargs, threads=args.threads, label=f"{label}-{cond}-{r}")
+        s = train_timing.trainer_summary(res["record"])
         s.update(repeat=r, condition=cond, data=res["run_training_summary"], process_wall_seconds=res["_process_wall_seconds"],
                  process_peak_rss_mb_polled=res["_process_peak_rss_mb_polled"])
         runs.append(s)
@@ -104,7 +108,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=4, help="train.gradient_accumulation_steps of the main pair (conf: 4)")
     p.add_argument("--gbl-batch-size", type=int, default=2, help="batch size of the group_by_length pair (grad_accum 1)")
     p.add_argument("--no-group-by-length", action="store_true", help="skip the group_by_length pair")
-    common.add_repeats_option(p)
+    repeats.add_repeats_option(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -113,7 +117,7 @@ def main() -> None:
     common.setup_env(args.threads)
     if args.worker:
         common.torch_threads(args.threads)
-        res = common.our_training_worker(args.run_dir, args.ov)
+        res = train_timing.our_training_worker(args.run_dir, args.ov)
         args.worker_out.write_text(json.dumps(res, default=str))
         return
     if args.repeats < 1:
@@ -159,7 +163,7 @@ def main() -> None:
             i += 1
             try:
                 runs[label] = run_pair(args, Path(tmp), label, gbl, bs, ga, trajs, sels)
-            except common.WorkerMemoryLimit as e:
+            except workers.WorkerMemoryLimit as e:
                 if not gbl:
                     raise
                 print(f"[{NAME}]   skipped: {e}", flush=True)
@@ -178,24 +182,24 @@ def main() -> None:
     ours_label = f"{args.selector}@{args.ratio}+truncate"
     for label, *_ in pairs:
         c_sec, a_sec = values(label, "critical", "train_seconds"), values(label, "all_steps", "train_seconds")
-        c_spread, a_spread = common.spread(c_sec), common.spread(a_sec)
-        ratios = common.paired_ratios(c_sec, a_sec)
+        c_spread, a_spread = repeats.spread(c_sec), repeats.spread(a_sec)
+        ratios = repeats.paired_ratios(c_sec, a_sec)
         ranges = {"ours": [c_spread["min"], c_spread["max"]], "baseline": [a_spread["min"], a_spread["max"]],
                   "ratio": [min(ratios), max(ratios)] if ratios else []}
         tag = f" [{label}]"
-        comps.append(common.comparison(f"epoch seconds{tag}", c_spread["median"], a_spread["median"], op="<=", target=0.7, unit="s",
+        comps.append(comparisons.comparison(f"epoch seconds{tag}", c_spread["median"], a_spread["median"], op="<=", target=0.7, unit="s",
                                        ours_label=ours_label, baseline_label="all steps", ranges=ranges))
         c_tok, a_tok = values(label, "critical", "padded_tokens"), values(label, "all_steps", "padded_tokens")
-        comps.append(common.comparison(f"tokens processed{tag}", c_tok[0], a_tok[0], op=None, target=None,
+        comps.append(comparisons.comparison(f"tokens processed{tag}", c_tok[0], a_tok[0], op=None, target=None,
                                        unit="tokens (padded)", ours_label=ours_label, baseline_label="all steps"))
         if label == pairs[0][0] and args.selector == "perplexity_delta":
-            comps.append(common.comparison(f"epoch + selection seconds{tag}", c_spread["median"] + t_sel["seconds"], a_spread["median"],
+            comps.append(comparisons.comparison(f"epoch + selection seconds{tag}", c_spread["median"] + t_sel["seconds"], a_spread["median"],
                                            op=None, target=None, unit="s", ours_label="perplexity_delta scoring + epoch",
                                            baseline_label="all steps"))
         for cond in CONDITIONS:
             conditions[f"{label}/{cond}"] = {
-                "train_seconds": common.spread(values(label, cond, "train_seconds")),
-                "peak_rss_mb": common.spread(values(label, cond, "peak_rss_mb")),
+                "train_seconds": repeats.spread(values(label, cond, "train_seconds")),
+                "peak_rss_mb": repeats.spread(values(label, cond, "peak_rss_mb")),
                 "tokens": values(label, cond, "tokens")[0],
                 "padded_tokens": values(label, cond, "padded_tokens")[0],
                 "supervised_tokens": values(label, cond, "supervised_tokens")[0],
@@ -233,7 +237,7 @@ def main() -> None:
     if args.selector == "perplexity_delta":
         notes.append("selection_seconds: PerplexitySelector.select with score_cache=False, model already loaded; paid once per "
                      "dataset and model (cached across a sweep's ratios and seeds).")
-    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    comparisons.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
+import repeats
 
 NAME = "eval_throughput"
 FIRST_EPISODE = {"textcraft": 100000, "babyai": 20000}  # conf/eval/smoke.yaml
@@ -100,7 +102,7 @@ def main() -> None:
     p.add_argument("--ablations", default=",".join(ABLATIONS),
                    help=f"batched modes with one policy option off, to show what each is worth "
                         f"(default: all of {', '.join(ABLATIONS)}; '' for none)")
-    common.add_repeats_option(p)
+    repeats.add_repeats_option(p)
     args = p.parse_args()
     common.setup_env(args.threads)
     started = time.time()
@@ -138,7 +140,7 @@ def main() -> None:
     per_env: dict[str, dict] = {}
     for env in envs:
         plays: dict[str, list[dict]] = {mode: [] for mode in modes}
-        for r, mode in common.alternating(list(modes), args.repeats):
+        for r, mode in repeats.alternating(list(modes), args.repeats):
             k, off = modes[mode]
             print(f"[{NAME}] {env} run {r + 1}/{args.repeats}: {n} episodes, {mode} ({k} in flight) ...", flush=True)
             policy = make_policy(off)
@@ -173,27 +175,27 @@ def main() -> None:
                 for r in range(args.repeats)]
 
     def ranges(ours: list[float], base: list[float]) -> dict[str, list[float]]:
-        ratios = common.paired_ratios(ours, base)
+        ratios = repeats.paired_ratios(ours, base)
         return {"ours": [min(ours), max(ours)], "baseline": [min(base), max(base)], "ratio": [min(ratios), max(ratios)]}
 
     epm_runs = {m: per_repeat(m) for m in modes}
-    epm = {m: common.spread(v)["median"] for m, v in epm_runs.items()}
+    epm = {m: repeats.spread(v)["median"] for m, v in epm_runs.items()}
     tpm = {m: total(m, "turns") / total(m, "seconds") * 60 for m in ("batched", "sequential")}
-    comps = [common.comparison("episodes/min (all envs)", round(epm["batched"], 4), round(epm["sequential"], 4), op=">=", target=3.0,
+    comps = [comparisons.comparison("episodes/min (all envs)", round(epm["batched"], 4), round(epm["sequential"], 4), op=">=", target=3.0,
                                unit="episodes/min", ours_label=f"batched ({args.in_flight} in flight)", baseline_label="one at a time",
                                ranges=ranges(epm_runs["batched"], epm_runs["sequential"]))]
     for e in envs:
         b, q = per_env[e]["batched"]["runs_episodes_per_min"], per_env[e]["sequential"]["runs_episodes_per_min"]
-        comps.append(common.comparison(f"episodes/min [{e}]", common.spread(b)["median"], common.spread(q)["median"],
+        comps.append(comparisons.comparison(f"episodes/min [{e}]", repeats.spread(b)["median"], repeats.spread(q)["median"],
                                        op=">=", target=3.0, unit="episodes/min", ours_label="batched", baseline_label="one at a time",
                                        ranges=ranges(b, q)))
     for a in ablations:
         opt, label = ABLATIONS[a]
-        comps.append(common.comparison(f"episodes/min, {label} (batched)", round(epm["batched"], 4),
+        comps.append(comparisons.comparison(f"episodes/min, {label} (batched)", round(epm["batched"], 4),
                                        round(epm[f"batched_{a}"], 4), op=None, target=None, unit="episodes/min",
                                        ours_label=f"{opt}=default", baseline_label=f"{opt}=false",
                                        ranges=ranges(epm_runs["batched"], epm_runs[f"batched_{a}"])))
-    comps.append(common.comparison("turns/min (all envs)", round(tpm["batched"], 3), round(tpm["sequential"], 3), op=None, target=None,
+    comps.append(comparisons.comparison("turns/min (all envs)", round(tpm["batched"], 3), round(tpm["sequential"], 3), op=None, target=None,
                                    unit="turns/min", ours_label="batched", baseline_label="one at a time"))
     figures = {
         "episodes_per_env": n,
@@ -222,7 +224,7 @@ def main() -> None:
     ]
     if n < args.in_flight:
         notes.append(f"only {n} episodes per env, so at most {n} were in flight (not {args.in_flight})")
-    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    comparisons.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
 
 
 if __name__ == "__main__":

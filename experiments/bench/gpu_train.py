@@ -44,6 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
+import repeats
+import train_timing
+import workers
 
 NAME = "gpu_train"
 
@@ -168,7 +172,7 @@ def worker(args) -> dict:
                       peft_config=lora if args.mode == "lora" else None)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    _, rec = common.record_training(trainer)
+    _, rec = train_timing.record_training(trainer)
     step_s = rec["step_seconds"][args.warmup:]
     tokens_per_step = args.batch_size * args.grad_accum * args.seq
     tps = tokens_per_step * len(step_s) / sum(step_s) if step_s else None
@@ -273,7 +277,7 @@ def main() -> None:
     p.add_argument("--no-trl", action="store_true", help="only ours")
     p.add_argument("--logits-keep", choices=["positions", "mask"], default="positions",
                    help="ours: supervised positions as integers (the trainer's path) or as a boolean mask (before)")
-    common.add_repeats_option(p)
+    repeats.add_repeats_option(p)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
@@ -298,10 +302,10 @@ def main() -> None:
     if args.quick:
         argv += ["--size", "tiny", "--seq", str(args.seq), "--steps", "3", "--warmup", "1"]
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
-        for r, side in common.alternating(sides, args.repeats):
+        for r, side in repeats.alternating(sides, args.repeats):
             print(f"[{NAME}] run {r + 1}/{args.repeats}, {side}: {args.size} {args.mode}, seq {args.seq}, "
                   f"{args.warmup}+{args.steps} steps ...", flush=True)
-            res = common.run_worker(Path(__file__), [*argv, "--worker", side, "--run-dir", tmp, "--n", str(args.n)],
+            res = workers.run_worker(Path(__file__), [*argv, "--worker", side, "--run-dir", tmp, "--n", str(args.n)],
                                     threads=args.threads, label=side, max_rss_gb=None)
             runs[side].append(res)
             print(f"[{NAME}]   {res['tokens_per_s']:.1f} tokens/s on {res['device']}", flush=True)
@@ -310,16 +314,16 @@ def main() -> None:
     fpt = flops_per_token(ARCHS[args.size], ours["n_matmul_params"], args.seq, args.mode)
     for res in (x for side in sides for x in runs[side]):
         res["mfu"] = round(fpt * res["tokens_per_s"] / peak, 4) if peak and res["tokens_per_s"] else None
-    rate = {side: common.spread([x["tokens_per_s"] for x in runs[side]]) for side in sides}
-    mfu = {side: common.spread([x["mfu"] for x in runs[side]]) for side in sides}
+    rate = {side: repeats.spread([x["tokens_per_s"] for x in runs[side]]) for side in sides}
+    mfu = {side: repeats.spread([x["mfu"] for x in runs[side]]) for side in sides}
     variant = _variant(args, p)
     headline = args.size == "8b" and args.mode == "lora"
-    comps = [common.comparison(f"MFU, {args.size} {args.mode}{variant}", mfu["ours"]["median"], None, op=">=" if headline else None,
+    comps = [comparisons.comparison(f"MFU, {args.size} {args.mode}{variant}", mfu["ours"]["median"], None, op=">=" if headline else None,
                                target=0.4 if headline else None, unit="", ratio=mfu["ours"]["median"],
                                ranges={"ours": [mfu["ours"]["min"], mfu["ours"]["max"]]} if mfu["ours"]["n"] else None)]
     if "trl" in runs:
-        ratios = common.paired_ratios([x["tokens_per_s"] for x in runs["ours"]], [x["tokens_per_s"] for x in runs["trl"]])
-        comps.append(common.comparison(f"tokens/s, {args.size} {args.mode}{variant}", round(rate["ours"]["median"], 2),
+        ratios = repeats.paired_ratios([x["tokens_per_s"] for x in runs["ours"]], [x["tokens_per_s"] for x in runs["trl"]])
+        comps.append(comparisons.comparison(f"tokens/s, {args.size} {args.mode}{variant}", round(rate["ours"]["median"], 2),
                                        round(rate["trl"]["median"], 2), op=">=", target=1.0, unit="tokens/s",
                                        baseline_label="TRL SFTTrainer",
                                        ranges={"ours": [rate["ours"]["min"], rate["ours"]["max"]],
@@ -339,7 +343,7 @@ def main() -> None:
     if peak is None:
         notes.append("no GPU with a known peak: MFU is null (tokens/s only)" if ours["device"] == "cpu"
                      else f"device {ours['device']!r} has no entry in PEAK_BF16: pass --peak-tflops")
-    common.write_result(NAME, args, figures={"sides": {side: x[0] for side, x in runs.items()}, "runs": runs,
+    comparisons.write_result(NAME, args, figures={"sides": {side: x[0] for side, x in runs.items()}, "runs": runs,
                                              "tokens_per_s": rate, "mfu": mfu, "flops_per_token": fpt, "peak_flops": peak},
                         comparisons=comps, notes=notes, started=started)
 

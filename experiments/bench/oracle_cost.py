@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
 
 NAME = "oracle_cost"
 
@@ -144,13 +145,13 @@ def main() -> None:
         "same_selections_on_rerun": same,
     }
     comps = [
-        common.comparison("cache hit rate on rerun", hit_rate, None, op=">=", target=1.0, ratio=hit_rate, unit="",
+        comparisons.comparison("cache hit rate on rerun", hit_rate, None, op=">=", target=1.0, ratio=hit_rate, unit="",
                           ours_label="rerun hits", baseline_label="-"),
-        common.comparison("est. USD per 1,000 trajectories (GPT-4o list prices)", round(usd_1k, 4), None, op=None, target=None, unit="USD",
+        comparisons.comparison("est. USD per 1,000 trajectories (GPT-4o list prices)", round(usd_1k, 4), None, op=None, target=None, unit="USD",
                           ours_label="measured tokens x price", baseline_label="-"),
-        common.comparison("est. USD per 1,000 trajectories if one reply each (GPT-4o list prices)", round(usd_1k_one_reply, 4), None,
+        comparisons.comparison("est. USD per 1,000 trajectories if one reply each (GPT-4o list prices)", round(usd_1k_one_reply, 4), None,
                           op=None, target=None, unit="USD", ours_label="first-attempt prompt + mean reply", baseline_label="-"),
-        common.comparison("rerun seconds vs first pass", round(sec2, 2), round(sec1, 2), op=None, target=None, unit="s",
+        comparisons.comparison("rerun seconds vs first pass", round(sec2, 2), round(sec1, 2), op=None, target=None, unit="s",
                           ours_label="rerun (cache)", baseline_label="first pass"),
     ]
     notes = [
@@ -170,7 +171,7 @@ def main() -> None:
         "A request that failed at the transport level is not cached, so a rerun sends it again (a hit rate below 100% "
         "with first_pass.errors non-empty is expected).",
     ]
-    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    comparisons.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
 
 
 if __name__ == "__main__":

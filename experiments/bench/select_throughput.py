@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
+import repeats
 
 NAME = "select_throughput"
 
@@ -82,7 +84,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="selector.batch_size (conf: 8)")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="selector.max_batch_tokens (conf: 8192)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs score difference accepted")
-    common.add_repeats_option(p)
+    repeats.add_repeats_option(p)
     args = p.parse_args()
     common.setup_env(args.threads)
     started = time.time()
@@ -105,7 +107,7 @@ def main() -> None:
 
     seconds: dict[str, list[float]] = {"ours": [], "reference": []}
     ref_parts_runs: list[dict] = []
-    for r, side in common.alternating(["ours", "reference"], args.repeats):
+    for r, side in repeats.alternating(["ours", "reference"], args.repeats):
         with common.stopwatch() as t:
             if side == "ours":
                 selections = list(sel.select(trajs))
@@ -132,15 +134,15 @@ def main() -> None:
         for s, r in zip(selections, ref)
     )
     rates = {side: [n_steps / x for x in seconds[side]] for side in seconds}
-    ours_sps, ref_sps = common.spread(rates["ours"]), common.spread(rates["reference"])
-    ratios = common.paired_ratios(rates["ours"], rates["reference"])
+    ours_sps, ref_sps = repeats.spread(rates["ours"]), repeats.spread(rates["reference"])
+    ratios = repeats.paired_ratios(rates["ours"], rates["reference"])
     figures = {
         "n_trajectories": len(trajs),
         "n_steps": n_steps,
         "tokens_per_trajectory": [r["tokens"] for r in ref],
         "repeats": args.repeats,
-        "ours_seconds": common.spread(seconds["ours"]),
-        "reference_seconds": common.spread(seconds["reference"]),
+        "ours_seconds": repeats.spread(seconds["ours"]),
+        "reference_seconds": repeats.spread(seconds["reference"]),
         "reference_breakdown": ref_parts_runs,
         "ours_steps_per_s": ours_sps,
         "reference_steps_per_s": ref_sps,
@@ -153,11 +155,11 @@ def main() -> None:
         "ids": [t.id for t in trajs],
     }
     comps = [
-        common.comparison("perplexity_delta steps/s", round(ours_sps["median"], 4), round(ref_sps["median"], 4), op=">=", target=5.0,
+        comparisons.comparison("perplexity_delta steps/s", round(ours_sps["median"], 4), round(ref_sps["median"], 4), op=">=", target=5.0,
                           unit="steps/s", ours_label="one-pass (PerplexitySelector)", baseline_label="one forward per step",
                           ranges={"ours": [ours_sps["min"], ours_sps["max"]], "baseline": [ref_sps["min"], ref_sps["max"]],
                                   "ratio": [min(ratios), max(ratios)]}),
-        common.comparison("max |score diff| (ours vs reference)", d_score, None, op="<=", target=args.tolerance, ratio=d_score,
+        comparisons.comparison("max |score diff| (ours vs reference)", d_score, None, op="<=", target=args.tolerance, ratio=d_score,
                           ours_label="max abs diff", baseline_label="-"),
     ]
     notes = [
@@ -171,7 +173,7 @@ def main() -> None:
     ]
     if windowed:
         notes.append(f"{windowed} steps were scored in a window by ours (history dropped); the reference has no windows")
-    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    comparisons.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
     sel.close()
     if not (d_score <= args.tolerance) or math.isnan(d_score):
         raise SystemExit(f"[{NAME}] scores differ by {d_score} > {args.tolerance}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
 
 ORDER = ["train_throughput", "critical_step_compute", "select_throughput", "eval_throughput", "oracle_cost"]
 
@@ -50,10 +51,10 @@ def rows(results: list[dict]) -> list[list[str]]:
             table.append([
                 name,
                 c["figure"] + unit,
-                common.fmt(c.get("ours")) + common.fmt_range(c, "ours"),
-                common.fmt(c.get("baseline")) + common.fmt_range(c, "baseline"),
+                comparisons.fmt(c.get("ours")) + comparisons.fmt_range(c, "ours"),
+                comparisons.fmt(c.get("baseline")) + comparisons.fmt_range(c, "baseline"),
                 # a row without a baseline (a rate, a cost) has no ratio: its value is under `ours`
-                (common.fmt(c.get("ratio")) + "x" + common.fmt_range(c, "ratio"))
+                (comparisons.fmt(c.get("ratio")) + "x" + comparisons.fmt_range(c, "ratio"))
                 if c.get("baseline") is not None and c.get("ratio") is not None else "-",
                 c.get("target") or "-",
                 met,

@@ -50,6 +50,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import comparisons
+import provenance
+import repeats
+import train_timing
+import workers
 
 NAME = "train_throughput"
 
@@ -74,7 +79,7 @@ def _overrides(args) -> list[str]:
 
 
 def worker_ours(args) -> dict:
-    return common.our_training_worker(Path(args.run_dir), _overrides(args))
+    return train_timing.our_training_worker(Path(args.run_dir), _overrides(args))
 
 
 def worker_trl(args) -> dict:
@@ -111,7 +116,7 @@ def worker_trl(args) -> dict:
     )
     trainer = SFTTrainer(model=recipe.setup_base_model(), args=sft, train_dataset=ds, processing_class=tokenizer,
                          peft_config=recipe.lora_config())
-    _, rec = common.record_training(trainer)
+    _, rec = train_timing.record_training(trainer)
     rec["dataset_columns"] = list(trainer.train_dataset.column_names)
     rec["dataset_rows"] = len(trainer.train_dataset)
     return {"record": rec, "masking_stats": data.stats}
@@ -127,7 +132,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=2048, help="train.max_length (conf/train/lora.yaml: 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="train.per_device_train_batch_size (conf: 1)")
     p.add_argument("--grad-accum", type=int, default=4, help="train.gradient_accumulation_steps (conf: 4)")
-    common.add_repeats_option(p)
+    repeats.add_repeats_option(p)
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse_hidden())
     p.add_argument("--worker-out", type=Path, help=argparse_hidden())
     p.add_argument("--run-dir", type=Path, help=argparse_hidden())
@@ -136,7 +141,7 @@ def main() -> None:
     if args.worker:
         common.torch_threads(args.threads)
         res = worker_ours(args) if args.worker == "ours" else worker_trl(args)
-        res["machine"] = common.machine_info()
+        res["machine"] = provenance.machine_info()
         args.worker_out.write_text(json.dumps(res, default=str))
         return
 
@@ -151,7 +156,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for r, side in common.alternating(["ours", "trl"], args.repeats):
+        for r, side in repeats.alternating(["ours", "trl"], args.repeats):
             rd = Path(tmp) / f"{side}{r}"
             rd.mkdir()
             common.write_trajectories(rd / "trajectories.jsonl", trajs)
@@ -160,8 +165,8 @@ def main() -> None:
                      "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
                      "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
             print(f"[{NAME}] run {r + 1}/{args.repeats}: {side} ...", flush=True)
-            res = common.run_worker(Path(__file__), wargs, threads=args.threads, label=side)
-            s = common.trainer_summary(res["record"])
+            res = workers.run_worker(Path(__file__), wargs, threads=args.threads, label=side)
+            s = train_timing.trainer_summary(res["record"])
             print(f"[{NAME}]   {side}: {s['train_seconds']:.1f} s, {s['optimizer_steps']} steps, "
                   f"{s['tokens_per_s']:.1f} tok/s, {s['supervised_tokens_per_s']:.1f} sup tok/s, "
                   f"peak RSS {s['peak_rss_mb']:.0f} MB", flush=True)
@@ -178,21 +183,21 @@ def main() -> None:
     same_steps = ours0["global_step"] == trl0["global_step"]
 
     def values(side: str, key: str) -> list[float]:
-        return [common.trainer_summary(x["record"])[key] for x in runs[side]]  # in repeat order
+        return [train_timing.trainer_summary(x["record"])[key] for x in runs[side]]  # in repeat order
 
     keys = ("train_seconds", "tokens_per_s", "supervised_tokens_per_s", "peak_rss_mb", "peak_rss_increase_mb",
             "rss_before_mb", "step_seconds_median_after_first")
-    spreads = {side: {k: common.spread(values(side, k)) for k in keys} for side in ("ours", "trl")}
+    spreads = {side: {k: repeats.spread(values(side, k)) for k in keys} for side in ("ours", "trl")}
     figs = {side: {k: v["median"] for k, v in spreads[side].items()} for side in spreads}
 
     def row(figure: str, key: str, **kw) -> dict:
         ours, trl = spreads["ours"][key], spreads["trl"][key]
-        ratios = common.paired_ratios(values("ours", key), values("trl", key))
-        return common.comparison(figure, ours["median"], trl["median"], baseline_label="TRL SFTTrainer",
+        ratios = repeats.paired_ratios(values("ours", key), values("trl", key))
+        return comparisons.comparison(figure, ours["median"], trl["median"], baseline_label="TRL SFTTrainer",
                                  ranges={"ours": [ours["min"], ours["max"]], "baseline": [trl["min"], trl["max"]],
                                          "ratio": [min(ratios), max(ratios)] if ratios else []}, **kw)
 
-    per_run = {side: [common.trainer_summary(x["record"]) | {"process_wall_seconds": x["_process_wall_seconds"]} for x in runs[side]]
+    per_run = {side: [train_timing.trainer_summary(x["record"]) | {"process_wall_seconds": x["_process_wall_seconds"]} for x in runs[side]]
                for side in ("ours", "trl")}
     figures = {
         "n_trajectories": len(trajs),
@@ -245,7 +250,7 @@ def main() -> None:
         notes.append(f"optimizer steps differ: ours {ours0['global_step']}, TRL {trl0['global_step']}")
     if args_diff:
         notes.append(f"training arguments differ: {args_diff}")
-    common.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
+    comparisons.write_result(NAME, args, figures=figures, comparisons=comps, notes=notes, started=started)
     if not (same_batches and same_steps):
         raise SystemExit(f"[{NAME}] the two sides did not train on the same batches / steps: see notes")
 
