@@ -247,3 +247,12 @@ def test_the_error_messages_the_readme_quotes_are_the_real_ones(tmp_path):
     for i, over in enumerate(scenarios):
         line = one_line_error(app(f"run_dir={tmp_path}/r{i}", *over, cwd=tmp_path))
         assert line in quoted, line
+
+
+def test_a_train_option_that_is_no_trainingarguments_field_stops_the_run_before_the_data_stage(tmp_path):
+    """A preset's misspelt `train.*` key (here added on the command line with `+`) is refused by preflight,
+    naming it and the closest TrainingArguments names, before any stage writes anything."""
+    rd = tmp_path / "r"
+    line = one_line_error(app(f"run_dir={rd}", "+train.adam_betaa=0.9", "logger=none", cwd=tmp_path))
+    assert "train.adam_betaa" in line and "adam_beta1" in line, line
+    assert not (rd / "trajectories.jsonl").exists()

@@ -452,7 +452,8 @@ class Driver:
         size = ["--quick"] if self.args.dry_run else ["--size", "smollm2", "--mode", "lora", "--steps", "6", "--warmup", "2"]
         trl = ["--no-trl"] if (self.args.dry_run or not _has("trl", env)) else []
         script = str(REPO / "experiments" / "bench" / "gpu_train.py")
-        threads = ["--threads", str(min(8, os.cpu_count() or 1))]
+        # one run a side (as gpu_suite.sh by default): the phase's 120 s hold one, and the A/B repeats are the suite's
+        threads = ["--threads", str(min(8, os.cpu_count() or 1)), "--repeats", "1"]
         jobs = [Job("gpu_train positions" + (" vs TRL" if not trl else ""),
                     [sys.executable, script, *size, *trl, *threads, "--out", str(out / "gpu_train_smollm2_lora.json")],
                     self.args.out / "logs" / "bench_positions.log", env),

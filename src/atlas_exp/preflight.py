@@ -1,6 +1,6 @@
 """Checks before the first stage: what would otherwise fail only deep inside one, each refused as one
 `ConfigError` naming the option (a required option without a value, `model.name` used as if it chose the
-model, a model that cannot be loaded).
+model, a train option that is neither ours nor a TrainingArguments field, a model that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def preflight(cfg: DictConfig, names: list[str], overrides: list[str]) -> None:
     if missing:
         raise ConfigError("; ".join(f"{k} is required: {_REQUIRED_HINTS.get(k, f'set {k}=...')}" for k in missing))
     check_model_label(cfg, overrides)
+    if "train" in wanted:  # an old or misspelt train option in a preset: refused before the data stage runs
+        from atlas_exp.train.options import check_train_options
+
+        check_train_options(cfg.train)
     from atlas_exp.models import ModelSpec, check_loadable
 
     seen: set[tuple] = set()
