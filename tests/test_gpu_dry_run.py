@@ -22,6 +22,7 @@ from conftest import REPO, SHARED_DATA, TEST_CACHE
 
 sys.path.insert(0, str(REPO / "experiments" / "gpu"))
 import pack  # noqa: E402
+import job_runner  # noqa: E402
 import run as gpu_run  # noqa: E402
 
 
@@ -125,12 +126,12 @@ def test_a_row_that_needs_another_starts_after_it_and_not_after_a_failure(tmp_pa
     """run_jobs with tiny processes: `b` (after `a`) starts once `a` is done, `c` behind it starts meanwhile;
     `e` (after `f`, which fails) never starts and says why."""
     def job(name, code, after=None):
-        return gpu_run.Job(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", dict(os.environ), after=after)
+        return job_runner.Job(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", dict(os.environ), after=after)
 
     a, b, c = job("a", "import time; time.sleep(1.5)"), job("b", "pass", after="a"), job("c", "pass")
     f, e = job("f", "raise SystemExit(3)"), job("e", "pass", after="f")
     ended = []
-    gpu_run.run_jobs([b, a, c, e, f], parallel=2, deadline=time.time() + 60, on_done=lambda j: ended.append(j.name))
+    job_runner.run_jobs([b, a, c, e, f], parallel=2, deadline=time.time() + 60, on_done=lambda j: ended.append(j.name))
     assert [j.status for j in (a, b, c, f)] == ["done", "done", "done", "failed (exit 3)"]
     assert b.started >= a.started + a.seconds - 0.01 and c.started < a.started + a.seconds
     assert e.status == "not started (f failed (exit 3))" and e.proc is None

@@ -37,13 +37,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+import job_runner
+from job_runner import Job, log, run_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = "experiment=gpu_agenttraj"
@@ -91,131 +92,6 @@ DRY_OVERRIDES = [
 ]
 
 
-def log(msg: str) -> None:
-    line = f"[gpu {time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if LOG_FILE is not None:
-        with LOG_FILE.open("a") as f:
-            f.write(line + "\n")
-
-
-LOG_FILE: Path | None = None
-
-
-@dataclass
-class Job:
-    """One child process: a name, its command, where its output goes, and what became of it."""
-
-    name: str
-    cmd: list[str]
-    log_path: Path
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-    started: float = 0.0
-    seconds: float | None = None
-    status: str = "not started"  # not started | running | done | failed (exit N) | killed at the time limit
-    returncode: int | None = None
-    #: the name of a job that must be done before this one starts
-    after: str | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._out = self.log_path.open("w")
-        self._out.write("$ " + " ".join(self.cmd) + "\n")
-        self._out.flush()
-        # a process group of its own, so that a time limit ends torchrun's workers too
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.started = time.time()
-        self.status = "running"
-
-    def poll(self) -> bool:
-        """True once the process has ended (then status says how)."""
-        if self.proc is None or self.status != "running":
-            return self.status != "running"
-        rc = self.proc.poll()
-        if rc is None:
-            return False
-        self._finish(rc, "done" if rc == 0 else f"failed (exit {rc})")
-        return True
-
-    def kill(self, why: str) -> None:
-        if self.proc is None or self.status != "running":
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self._finish(self.proc.returncode, why)
-
-    def _finish(self, rc: int | None, status: str) -> None:
-        self.returncode = rc
-        self.status = status
-        self.seconds = round(time.time() - self.started, 1)
-        self._out.close()
-
-    def tail(self, n: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def run_jobs(jobs: list[Job], *, parallel: int, deadline: float, on_done=None) -> None:
-    """Start `jobs` in order, at most `parallel` at a time; end any still running at `deadline`. A job with
-    `after` waits for that job (when it is one of `jobs`) to be done; the jobs behind it start meanwhile."""
-    todo = list(jobs)
-    by_name = {j.name: j for j in jobs}
-    running: list[Job] = []
-    while todo or running:
-        while todo and len(running) < parallel and time.time() < deadline - 5:
-            j = next((j for j in todo if _ready(j, by_name)), None)
-            if j is None:
-                break
-            todo.remove(j)
-            need = by_name.get(j.after) if j.after else None
-            if need is not None and need.status != "done":
-                j.status = f"not started ({j.after} {need.status})"
-                log(f"{j.name}: {j.status}")
-                if on_done:
-                    on_done(j)
-                continue
-            log(f"start {j.name} (log: {j.log_path.relative_to(OUT_ROOT) if OUT_ROOT else j.log_path})")
-            j.start()
-            running.append(j)
-        if not running:
-            break
-        time.sleep(1.0)
-        for j in list(running):
-            if j.poll():
-                running.remove(j)
-                log(f"{j.name}: {j.status} after {j.seconds} s" + ("" if j.status == "done" else "\n" + j.tail()))
-                if on_done:
-                    on_done(j)
-        if time.time() >= deadline:
-            for j in running:
-                j.kill("killed at the time limit")
-                log(f"{j.name}: {j.status} after {j.seconds} s")
-                if on_done:
-                    on_done(j)
-            running = []
-    for j in todo:
-        j.status = "not started (no time left)"
-
-
-def _ready(job: Job, by_name: dict[str, Job]) -> bool:
-    """Whether `job` can be decided now: no prerequisite among the jobs, or it has ended (well or not)."""
-    need = by_name.get(job.after) if job.after else None
-    return need is None or need.status not in ("not started", "running")
-
-
-OUT_ROOT: Path | None = None
 
 
 # ------------------------------------------------------------------------------------------ the pieces
@@ -287,7 +163,7 @@ def read_json(p: Path):
 def row_result(run_dir: Path, job: Job | None) -> dict:
     """What a row brought back: training figures, the eval's per-task scores (or, for an evaluation cut
     short, the episodes that finished, marked partial), and how the process ended."""
-    out: dict = {"run_dir": str(run_dir.relative_to(OUT_ROOT)) if OUT_ROOT else str(run_dir)}
+    out: dict = {"run_dir": str(run_dir.relative_to(job_runner.OUT_ROOT)) if job_runner.OUT_ROOT else str(run_dir)}
     if job is not None:
         out.update(status=job.status, seconds=job.seconds)
     ts = read_json(run_dir / "model" / "training_summary.json") or {}
@@ -513,8 +389,8 @@ class Driver:
         _atomic_copy(self.args.out / "summary.json", ex / "summary.json")
         if (self.sweep / "report.md").exists():
             _atomic_copy(self.sweep / "report.md", ex / "report.md")
-        if LOG_FILE and LOG_FILE.exists():
-            _atomic_copy(LOG_FILE, ex / "log.txt")
+        if job_runner.LOG_FILE and job_runner.LOG_FILE.exists():
+            _atomic_copy(job_runner.LOG_FILE, ex / "log.txt")
         tmp = ex / "runs.tar.gz.tmp"
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(self.args.out, arcname="gpu_run", filter=_small_files)
@@ -595,12 +471,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    global LOG_FILE, OUT_ROOT, RECORD_IMPORTS
+    global RECORD_IMPORTS
     args = parse_args(argv)
     RECORD_IMPORTS = args.record_imports.resolve() if args.record_imports else None
     args.out.mkdir(parents=True, exist_ok=True)
-    OUT_ROOT = args.out
-    LOG_FILE = args.out / "log.txt"
+    job_runner.OUT_ROOT = args.out
+    job_runner.LOG_FILE = args.out / "log.txt"
     log(f"out {args.out}, budget {args.budget:.0f} s, phases {','.join(args.phases)}, rows {','.join(args.rows)}, "
         f"parallel {args.parallel}{', DRY RUN' if args.dry_run else ''}")
     d = Driver(args)
