@@ -308,7 +308,7 @@ class Driver:
         few = ["eval.tasks.textcraft.episodes.count=2", "eval.tasks.babyai.episodes.count=2",
                "eval.batch_size=4", "policy.batch_size=4"]
         jobs = []
-        for stage in ("zero2", "zero3"):
+        for stage in self.args.deepspeed_stages:
             rd = self.args.out / "deepspeed" / stage
             jobs.append(Job(f"deepspeed {stage}", app_cmd(*run_overrides(
                 self.args, rd, "selector=random", "launcher.nproc_per_node=1", f"deepspeed={stage}", steps, *few)),
@@ -437,6 +437,8 @@ def parse_args(argv=None):
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated selectors, in priority order; "
                    f"optional rows: {', '.join(OPTIONAL_ROWS)} (README.md: what they cost)")
+    p.add_argument("--deepspeed-stages", default="zero2,zero3",
+                   help="the ZeRO stages the deepspeed phase trains (comma-separated; default zero2,zero3)")
     p.add_argument("--limit", action="append", default=[], metavar="PHASE=SECONDS",
                    help="a phase's time limit instead of its default (repeatable), e.g. rows=450 for a call with "
                         "the rollout_value row alone")
@@ -453,6 +455,10 @@ def parse_args(argv=None):
     a.parallel = a.parallel or (1 if a.dry_run else 3)
     a.phases = [x for x in a.phases.split(",") if x]
     a.rows = [x for x in a.rows.split(",") if x]
+    a.deepspeed_stages = [x for x in a.deepspeed_stages.split(",") if x]
+    bad = [x for x in a.deepspeed_stages if x not in ("zero2", "zero3", "zero3_offload")]
+    if bad:
+        p.error(f"--deepspeed-stages {','.join(bad)}: choose from zero2, zero3, zero3_offload")
     bad = [x for x in a.phases if x not in PHASES]
     if bad:
         p.error(f"unknown phase(s) {bad}; choose from {PHASES}")
