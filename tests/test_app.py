@@ -256,3 +256,12 @@ def test_a_train_option_that_is_no_trainingarguments_field_stops_the_run_before_
     line = one_line_error(app(f"run_dir={rd}", "+train.adam_betaa=0.9", "logger=none", cwd=tmp_path))
     assert "train.adam_betaa" in line and "adam_beta1" in line, line
     assert not (rd / "trajectories.jsonl").exists()
+
+
+def test_config_plain_turns_config_nodes_into_dicts_and_lists():
+    """`config.plain`, the one converter the selectors, data sources and trainer use: its docstring example."""
+    import doctest
+
+    import atlas_exp.config
+
+    assert doctest.testmod(atlas_exp.config).attempted >= 1 and doctest.testmod(atlas_exp.config).failed == 0

@@ -5,15 +5,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.models import package_dir
 
 #: `conf/` at the repository root (the design card's layout); ATLAS_EXP_CONF overrides it.
 CONF_DIR = Path(os.environ.get("ATLAS_EXP_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python, for code that takes dicts and lists (clients, `datasets`, cache keys):
+    OmegaConf containers, also inside plain ones, as dicts and lists with interpolations resolved; anything
+    else as it is (None stays None).
+
+    >>> plain({"a": OmegaConf.create({"b": [1, "${c}"], "c": 2}), "d": (3,)})
+    {'a': {'b': [1, 2], 'c': 2}, 'd': [3]}
+    """
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
 
 
 #: longest run-directory name made from overrides before it is shortened with a hash

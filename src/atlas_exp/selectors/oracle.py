@@ -47,6 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from atlas_exp.config import plain
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.llm.client import DEFAULT_PRICES, LLMError, price_for
@@ -77,7 +78,7 @@ _ERROR_CHARS = 500
 
 def _paths(value: Any, option: str) -> list[str]:
     """A path option (`selector.batch.*`) as a list: none, one, or several; anything else is a ConfigError."""
-    value = _plain(value)
+    value = plain(value)
     if value in (None, "", []):
         return []
     if isinstance(value, str):
@@ -87,16 +88,6 @@ def _paths(value: Any, option: str) -> list[str]:
     raise ConfigError(f"{option} must be a path or a list of paths, got {value!r}")
 
 
-def _plain(option: Any) -> Any:
-    """Hydra hands nested options over as DictConfig; the client wants plain dicts."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(option, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(option, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return option
 
 
 def _check_known(option: str, given: dict[str, Any], known: set[str]) -> None:
@@ -131,9 +122,9 @@ class OracleSelector(Selector):
     ):
         super().__init__(ratio=ratio, seed=seed)
         self.server: LocalServer | None = None
-        client = dict(_plain(client) or {})
-        local = dict(_plain(local) or {})
-        batch = dict(_plain(batch) or {})
+        client = dict(plain(client) or {})
+        local = dict(plain(local) or {})
+        batch = dict(plain(batch) or {})
         _check_known("selector.batch", batch, _BATCH_KEYS)
         self.judge_ratio = self.ratio if judge_ratio is None else check_ratio(judge_ratio)
         if self.judge_ratio < self.ratio:

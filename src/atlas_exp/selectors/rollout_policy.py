@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from atlas_exp.config import plain
 from atlas_exp.errors import ConfigError
 
 
@@ -61,12 +62,6 @@ def is_config(x: Any) -> bool:
     return isinstance(x, (DictConfig, dict))
 
 
-def plain(x: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(x, DictConfig):
-        return OmegaConf.to_container(x, resolve=True)  # type: ignore[return-value]
-    return dict(x)
 
 
 def _class_of(pol: dict[str, Any]) -> type | None:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from atlas_exp.artifacts import fingerprint
+from atlas_exp.config import plain
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.envs.base import Env, EpisodeSpec
 from atlas_exp.errors import ConfigError, DataError
@@ -67,7 +68,6 @@ from atlas_exp.selectors.rollout_policy import (
     build_policy,
     check_policy_option,
     is_config,
-    plain,
     policy_identity,
     token_counts,
 )

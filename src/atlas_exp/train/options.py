@@ -23,8 +23,9 @@ import difflib
 from functools import lru_cache
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from atlas_exp.config import plain
 from atlas_exp.errors import ConfigError
 
 #: the train options that are atlas_exp's own (no TrainingArguments field has these names)
@@ -86,17 +87,13 @@ def training_arguments_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
 
-def _as_dict(train: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(train, DictConfig):
-        return OmegaConf.to_container(train, resolve=True)  # type: ignore[return-value]
-    return dict(train)
 
 
 def check_train_options(train: DictConfig | dict[str, Any]) -> None:
     """Refuse a train option that is an earlier name, set by another option, or unknown (one ConfigError, the
     first such key in the config's order, naming what to write instead)."""
     fields = training_arguments_fields()
-    for key, value in _as_dict(train).items():
+    for key, value in plain(train).items():
         if key in OUR_OPTIONS:
             continue
         if key in RENAMED:
@@ -137,5 +134,5 @@ def training_arguments(train: DictConfig | dict[str, Any], *, precision: str, se
     fair by construction. Where checkpoints go and what is reported are the trainer's own business.
     """
     check_train_options(train)
-    passed = {k: v for k, v in _as_dict(train).items() if k not in OUR_OPTIONS}
+    passed = {k: v for k, v in plain(train).items() if k not in OUR_OPTIONS}
     return {**passed, "bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": use_cpu, "seed": int(seed)}

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from atlas_exp.artifacts import SCHEMA_VERSION, file_fingerprint, fingerprint, summary_matches, write_json
+from atlas_exp.config import plain
 from atlas_exp.device import get_precision
 from atlas_exp.errors import AtlasError, ConfigError
 from atlas_exp.models import ModelSpec, load_model, load_tokenizer, materialize
@@ -53,9 +54,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _plain(node: Any) -> Any:
-    """A config node as plain Python values, interpolations resolved (None stays None)."""
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def train_fingerprint(cfg: DictConfig, rd: RunDir) -> str:
@@ -64,9 +62,9 @@ def train_fingerprint(cfg: DictConfig, rd: RunDir) -> str:
         SCHEMA_VERSION,
         file_fingerprint(rd.trajectories),
         file_fingerprint(rd.selection),
-        _plain(cfg.model),
-        _plain(cfg.train),
-        _plain(cfg.deepspeed),
+        plain(cfg.model),
+        plain(cfg.train),
+        plain(cfg.deepspeed),
         int(cfg.seed),
         int(cfg.launcher.nproc_per_node),
     )
@@ -124,7 +122,7 @@ class MaskedSFTRecipe:
         self.progress = self.is_main if progress is None else progress
         self.started = time.time()
         self.fingerprint = train_fingerprint(cfg, rd)
-        self.deepspeed_config = _plain(cfg.deepspeed.config) if cfg.deepspeed.enabled else None
+        self.deepspeed_config = plain(cfg.deepspeed.config) if cfg.deepspeed.enabled else None
         self.tokenizer: Any = None
         self.data: MaskedData | None = None
         self.model: Any = None

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from atlas_exp.config import plain
 from atlas_exp.errors import ConfigError
 
 FORMATS = ("auto", "agentgym", "sharegpt", "openai", "generic", "transcript", "pairs")
@@ -44,14 +45,6 @@ def _optional_key(option: str, value: Any) -> str | None:
     return value
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes))):
-        return [_plain(item) for item in value]
-    return value
-
 
 @dataclass(frozen=True)
 class ChatFields:
@@ -70,7 +63,7 @@ class ChatFields:
               loss_key: str | None = None, weight_key: str | None = None, roles: Any = None) -> "ChatFields":
         """From the source options; `roles` is {canonical role: name or [names]} (axolotl's `roles` layout)."""
         role_map = dict(DEFAULT_ROLES)
-        for canon, names in (_plain(roles) or {}).items():
+        for canon, names in (plain(roles) or {}).items():
             if canon not in MAPPED_ROLES:
                 raise ConfigError(f"roles: {canon!r} is not a role; map file role names to one of {', '.join(MAPPED_ROLES)} "
                                   f"(e.g. roles={{user: [human], assistant: [gpt]}})")
@@ -116,7 +109,7 @@ class TranscriptOptions:
 
     @classmethod
     def build(cls, options: Any = None) -> "TranscriptOptions":
-        given = _plain(options) or {}
+        given = plain(options) or {}
         if not isinstance(given, dict):
             raise ConfigError(f"transcript: expected a mapping of options, got {given!r}")
         known = {f.name for f in fields(cls)}
@@ -153,7 +146,7 @@ class PairOptions:
 
     @classmethod
     def build(cls, options: Any = None) -> "PairOptions":
-        given = _plain(options) or {}
+        given = plain(options) or {}
         if not isinstance(given, dict):
             raise ConfigError(f"pairs: expected a mapping of options, got {given!r}")
         unknown = sorted(set(given) - {"input_key", "output_key", "system_key"})

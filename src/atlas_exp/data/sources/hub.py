@@ -3,11 +3,12 @@ loaded with `datasets.load_dataset`, one `RawRecord` a row."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from atlas_exp.artifacts import file_fingerprint, fingerprint
+from atlas_exp.config import plain
 from atlas_exp.data.sources.base import RawRecord, RecordSource
 from atlas_exp.errors import ConfigError
 
@@ -33,7 +34,7 @@ class HubDataset(RecordSource):
             raise ConfigError(f"HubDataset: name={name!r}: expected a dataset name or folder")
         self.name = name
         self.split = split
-        self.data_files = _plain(data_files)
+        self.data_files = plain(data_files)
         self.revision = revision
         self.cache_dir = cache_dir
 
@@ -74,13 +75,3 @@ class HubDataset(RecordSource):
         for i, row in enumerate(dataset, 1):
             yield RawRecord(where=f"{self.name}[{self.split}]#{i}", data=row, default_id=f"{base}_{i}")
 
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dict/list/str, as `datasets` expects."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, Iterable):
-        return [_plain(item) for item in value]
-    return value
