@@ -88,6 +88,25 @@ def smollm2_tokenizer(smollm2_spec, smollm2_dir):
     return load_tokenizer(smollm2_spec, TEST_CACHE)
 
 
+@pytest.fixture(scope="module")
+def features(agenttraj_dir, smollm2_tokenizer):
+    """Three short real TextCraft trajectories of different lengths as training features (`input_ids`,
+    `labels`), about 30% of their steps supervised: the packing and logits-position tests' input."""
+    from helpers import read_agentgym
+
+    from atlas_exp.data.selection import Selection, StepChoice
+    from atlas_exp.train.masking import build_example
+
+    trajs = sorted(read_agentgym(agenttraj_dir / "textcraft.jsonl", limit=60), key=lambda t: sum(len(m.content) for m in t.messages))
+    out = []
+    for t in (trajs[0], trajs[10], trajs[20]):
+        sel = Selection(t.id, "test", 0.3, [StepChoice(k, 1.0, k % 3 == 1) for k in range(t.n_steps)])
+        ex = build_example(smollm2_tokenizer, t, sel, max_length=None)
+        out.append({"input_ids": ex.input_ids, "labels": ex.labels})
+    assert len({len(f["input_ids"]) for f in out}) == 3
+    return out
+
+
 # --------------------------------------------------------------------------------------------- CI policy
 
 #: node ids of the tests (or collectors) that skipped for missing real data, in this session

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TEST_CACHE
+from helpers import read_agentgym
 
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import ConfigError, DataError
 from atlas_exp.selectors.base import Selection, n_to_select
 from atlas_exp.selectors.combine import HybridSelector, NonCriticalSelector, normalized_ranks
 from atlas_exp.selectors.random_steps import RandomSelector
-from conftest import REPO, TEST_CACHE
-from helpers import read_agentgym
 
 RANDOM = "atlas_exp.selectors.random_steps.RandomSelector"
 

@@ -9,14 +9,14 @@ import json
 
 import pytest
 import torch
+from conftest import TEST_CACHE
+from test_app import app
 
 from atlas_exp.data.sources import LocalFiles, load_trajectories
 from atlas_exp.envs.textcraft_expert import TextCraftExpertSource
 from atlas_exp.eval.expert_steps import _action_start, score_trajectory
 from atlas_exp.models import load_model
 from atlas_exp.train.turn_spans import tokenize_trajectory
-from conftest import TEST_CACHE
-from test_app import app
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,14 @@ import tarfile
 import time
 
 import pytest
-
+from conftest import REPO, SHARED_DATA, TEST_CACHE
 from omegaconf import OmegaConf
 
 from atlas_exp.config import CONF_DIR, compose
-from conftest import REPO, SHARED_DATA, TEST_CACHE
 
 sys.path.insert(0, str(REPO / "experiments" / "gpu"))
-import pack  # noqa: E402
 import job_runner  # noqa: E402
+import pack  # noqa: E402
 import run as gpu_run  # noqa: E402
 
 

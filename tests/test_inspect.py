@@ -7,11 +7,11 @@ import json
 from html.parser import HTMLParser
 
 import pytest
+from test_app import app
 
 from atlas_exp.errors import AtlasError
 from atlas_exp.report.inspect import agreement, jaccard
 from atlas_exp.selectors.base import Selection, StepChoice
-from test_app import app
 
 
 class _Page(HTMLParser):

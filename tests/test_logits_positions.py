@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEST_CACHE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from atlas_exp.models import load_model
 from atlas_exp.train.collator import MaskedCollator, logits_positions_supported
 from atlas_exp.train.loss import next_token_supervised, supervised_loss, supervised_positions
-from conftest import TEST_CACHE
-from test_packing import features  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from conftest import REPO
+from helpers import read_agentgym
 
 from atlas_exp.errors import AtlasError
-from atlas_exp.selectors.base import Selection
 from atlas_exp.llm.client import strip_bounds
 from atlas_exp.llm.costs import DEFAULT_PRICES, price_for
 from atlas_exp.llm.reply_cache import ReplyCache
+from atlas_exp.selectors.base import Selection
 from atlas_exp.selectors.oracle import OracleSelector
 from atlas_exp.selectors.oracle_prompt import (
     CATEGORIES,
@@ -36,8 +38,6 @@ from atlas_exp.selectors.oracle_prompt import (
     reply_schema,
 )
 from atlas_exp.selectors.random_steps import RandomSelector
-from conftest import REPO
-from helpers import read_agentgym
 
 SECRET = "sk-test-DO-NOT-LEAK-4f7c2b9e1d"
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO, TEST_CACHE
 
 from atlas_exp.artifacts import iter_jsonl
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError, StageStopped
-from atlas_exp.selectors import oracle_prompt
 from atlas_exp.llm.server import LocalServer
+from atlas_exp.selectors import oracle_prompt
 from atlas_exp.selectors.oracle import OracleSelector
 from atlas_exp.selectors.oracle_batch import read_outputs, request_fingerprint, split_custom_id
 from atlas_exp.selectors.oracle_prompt import build_messages, judge_cap
-from conftest import REPO, TEST_CACHE
 
 #: the shared files and the data-stage overrides that import the trajectories they judged
 JUDGED = {

@@ -15,15 +15,12 @@ import json
 
 import pytest
 import torch
+from conftest import TEST_CACHE
+from test_app import app
 
 from atlas_exp.models import load_model
-from atlas_exp.selectors.base import Selection, StepChoice
 from atlas_exp.train.collator import MaskedCollator
 from atlas_exp.train.loss import next_token_supervised, supervised_loss
-from atlas_exp.train.masking import build_example
-from conftest import TEST_CACHE
-from helpers import read_agentgym
-from test_app import app
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +29,6 @@ def model64(smollm2_spec, smollm2_dir):
     m = load_model(smollm2_spec, TEST_CACHE, dtype=torch.float64)
     m.config.use_cache = False
     return m
-
-
-@pytest.fixture(scope="module")
-def features(agenttraj_dir, smollm2_tokenizer):
-    """Three short real trajectories of different lengths, about 30% of their steps supervised."""
-    trajs = sorted(read_agentgym(agenttraj_dir / "textcraft.jsonl", limit=60), key=lambda t: sum(len(m.content) for m in t.messages))
-    out = []
-    for t in (trajs[0], trajs[10], trajs[20]):
-        sel = Selection(t.id, "test", 0.3, [StepChoice(k, 1.0, k % 3 == 1) for k in range(t.n_steps)])
-        ex = build_example(smollm2_tokenizer, t, sel, max_length=None)
-        out.append({"input_ids": ex.input_ids, "labels": ex.labels})
-    assert len({len(f["input_ids"]) for f in out}) == 3
-    return out
 
 
 def test_a_packed_row_gives_each_sequence_its_own_logits(model64, features, smollm2_tokenizer):

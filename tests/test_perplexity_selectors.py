@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TEST_CACHE
+from helpers import read_agentgym
 
 from atlas_exp.data.trajectory import Message, Trajectory
 from atlas_exp.errors import ConfigError
@@ -27,8 +29,6 @@ from atlas_exp.selectors.perplexity import PerplexitySelector
 from atlas_exp.selectors.span_scorer import ScoredSeq, SpanScorer
 from atlas_exp.selectors.step_scores import select_global
 from atlas_exp.train.turn_spans import tokenize_trajectory
-from conftest import REPO, TEST_CACHE
-from helpers import read_agentgym
 
 
 @pytest.fixture(scope="module", autouse=True)

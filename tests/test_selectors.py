@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from helpers import read_agentgym
 
 from atlas_exp.data.trajectory import Trajectory
 from atlas_exp.errors import ConfigError, DataError
 from atlas_exp.selectors.all_steps import AllStepsSelector
 from atlas_exp.selectors.base import Selection, n_to_select, summarize
 from atlas_exp.selectors.random_steps import RandomSelector
-from helpers import read_agentgym
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ every gradient are equal (to 1e-5) with and without those tokens, on the real Sm
 from __future__ import annotations
 
 import torch
+from conftest import TEST_CACHE
+from helpers import read_agentgym
 
 from atlas_exp.models import load_model
 from atlas_exp.selectors.base import Selection, StepChoice
 from atlas_exp.train.collator import MaskedCollator
 from atlas_exp.train.masking import build_example
-from conftest import TEST_CACHE
-from helpers import read_agentgym
 
 
 def loss_and_grads(model, ex, pad_id):

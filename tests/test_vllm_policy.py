@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_CACHE
+from test_app import app
 
 from atlas_exp.envs.textcraft import TextCraftEnv
 from atlas_exp.errors import ConfigError
 from atlas_exp.eval.policy import HFPolicy
 from atlas_exp.eval.policy_base import NoReply, PolicyContext
-from conftest import TEST_CACHE
-from test_app import app
 
 FAKES = Path(__file__).parent / "fakes"
 

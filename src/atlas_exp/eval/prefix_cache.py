@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-
 #: per layer a (keys, values) pair, each [batch, kv_heads, tokens, head_dim]
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -87,6 +87,14 @@ def _count(x: float) -> str:
     return f"{x:,.0f}" if abs(x - round(x)) < 1e-9 else f"{x:,.1f}"
 
 
+def _tokens(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _seconds(x: float) -> str:
+    return f"{x:,.1f}"
+
+
 def compute_md(table: Table) -> list[str]:
     """Per row: the split averages (to read the cost beside the score), supervised tokens, input tokens,
     training and selection time, each mean [interval over seeds], and tokens processed relative to the
@@ -97,15 +105,13 @@ def compute_md(table: Table) -> list[str]:
     head = ["selector", "ratio", "n"] + [c.label for c in avgs] + ["supervised tokens"] + list(COMPUTE.values())
     head.append("tokens processed / all steps")
     base = {r.key.model: r.compute.get("tokens_processed") for r in table.rows if r.key.selector == "all"}
-    tok = lambda x: f"{x:,.0f}"
-    sec = lambda x: f"{x:,.1f}"
     rows = []
     for row in table.rows:
         line = [row.key.selector_label, row.key.ratio_label, str(row.n)]
         line += [fmt_stat(row.cells[c.key], row.n) for c in avgs]
-        line.append(fmt_stat(row.supervised_tokens, row.n, tok))
+        line.append(fmt_stat(row.supervised_tokens, row.n, _tokens))
         for attr in COMPUTE:
-            line.append(fmt_stat(row.compute.get(attr, Stat(None, None, 0)), row.n, sec if attr.endswith("seconds") else tok))
+            line.append(fmt_stat(row.compute.get(attr, Stat(None, None, 0)), row.n, _seconds if attr.endswith("seconds") else _tokens))
         b, mine = base.get(row.key.model), row.compute.get("tokens_processed")
         line.append(f"{mine.mean / b.mean:.2f}x" if b and mine and b.mean and mine.mean is not None else "—")
         rows.append(line)

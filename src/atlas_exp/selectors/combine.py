@@ -39,8 +39,9 @@ def build_child(spec: Any, *, ratio: float, seed: int, role: str) -> Selector:
         if not math.isclose(spec.ratio, ratio):
             raise ConfigError(f"selector.{role}: a child selector must run at ratio {ratio}, got {spec.ratio}")
         return spec
-    from atlas_exp.config import build
     from omegaconf import DictConfig, OmegaConf
+
+    from atlas_exp.config import build
 
     if isinstance(spec, Mapping) and not isinstance(spec, DictConfig):
         spec = OmegaConf.create(dict(spec))
