@@ -49,6 +49,8 @@ import repeats
 import train_timing
 import workers
 
+from atlas_exp.train.masking import IGNORE_INDEX  # no torch import: the bench sets threads first
+
 NAME = "gpu_train"
 
 #: dense bf16 peak FLOP/s by device name fragment (vendor data sheets; first match wins)
@@ -98,13 +100,13 @@ def synthetic_dataset(n: int, seq: int, vocab: int, ratio: float, seed: int):
     rows = {"input_ids": [], "labels": []}
     for _ in range(n):
         ids = [rng.randrange(3, vocab) for _ in range(seq)]
-        labels = [-100] * seq
+        labels = [IGNORE_INDEX] * seq
         covered = 0
         while covered < ratio * seq:
             span = rng.randint(40, 120)
             start = rng.randrange(1, max(2, seq - span))
             for t in range(start, min(seq, start + span)):
-                if labels[t] == -100:
+                if labels[t] == IGNORE_INDEX:
                     labels[t] = ids[t]
                     covered += 1
         rows["input_ids"].append(ids)

@@ -16,6 +16,8 @@ from typing import Any
 
 from common import RSSSampler, max_rss_mb
 
+from atlas_exp.train.masking import IGNORE_INDEX  # no torch import: the bench sets threads first
+
 
 def _tensor_digest(t) -> str:
     return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -30,9 +32,9 @@ def causal_lm_labels(batch: dict[str, Any]):
     labels, keep = batch["labels"], batch.get("logits_to_keep")
     if not isinstance(keep, torch.Tensor) or keep.dtype == torch.bool or keep.dim() != 2:
         return labels
-    full = torch.full_like(batch["input_ids"], -100)
+    full = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     targets = labels[:, 1:]
-    valid = targets != -100
+    valid = targets != IGNORE_INDEX
     rows = torch.arange(len(keep))[:, None].expand_as(keep)
     full[rows[valid], keep[valid] + 1] = targets[valid]
     return full
@@ -58,8 +60,8 @@ class RecordingCollator:
             "shape": list(ids.shape),
             "tokens": int(mask.sum()) if mask is not None else int(ids.numel()),
             "padded_tokens": int(ids.numel()),
-            # labels are unshifted (the model shifts): each non -100 label is one supervised prediction
-            "supervised": int((labels != -100).sum()),
+            # labels are unshifted (the model shifts): each label not IGNORE_INDEX is one supervised prediction
+            "supervised": int((labels != IGNORE_INDEX).sum()),
         })
         return out
 

@@ -30,11 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from atlas_exp.train.masking import IGNORE_INDEX
+
 
 def next_token_supervised(labels: torch.Tensor) -> torch.Tensor:
     """Boolean mask [batch, length]: position t predicts a supervised token (labels[t + 1] != -100)."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return keep
 
 
@@ -47,10 +49,10 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     a target: the Trainer counts supervised tokens over `labels[..., 1:]`, and gets them all.
     """
     rows = labels.shape[0]
-    per_row = [torch.nonzero(labels[r, 1:] != -100).flatten() for r in range(rows)]
+    per_row = [torch.nonzero(labels[r, 1:] != IGNORE_INDEX).flatten() for r in range(rows)]
     k = max((len(p) for p in per_row), default=0)
     positions = torch.zeros((rows, k), dtype=torch.long)
-    targets = torch.full((rows, 1 + k), -100, dtype=labels.dtype)
+    targets = torch.full((rows, 1 + k), IGNORE_INDEX, dtype=labels.dtype)
     for r, p in enumerate(per_row):
         positions[r, : len(p)] = p
         targets[r, 1 : 1 + len(p)] = labels[r, p + 1]
@@ -79,8 +81,8 @@ def supervised_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any 
         # in float32 (float64 logits stay float64, so that tests can check exactness to 1e-9)
         flat = logits.flatten(0, 1)
         flat = flat if flat.dtype == torch.float64 else flat.float()
-        loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100, reduction="sum")
-        return _normalise(loss, targets.ne(-100).sum(), num_items_in_batch)
+        loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return _normalise(loss, targets.ne(IGNORE_INDEX).sum(), num_items_in_batch)
     keep = next_token_supervised(labels)
     targets = labels[:, 1:][keep[:, :-1]]
     if logits.dim() != 2 or logits.shape[0] != targets.numel():
@@ -115,7 +117,7 @@ def weighted_loss(outputs: Any, labels: torch.Tensor, weights: torch.Tensor, num
             raise ValueError(f"weighted_loss: logits of shape {tuple(logits.shape)} do not fit labels of shape "
                              f"{tuple(labels.shape)}; set train.supervised_logits_only=false")
     flat = flat if flat.dtype == torch.float64 else flat.float()
-    nll = F.cross_entropy(flat, targets.flatten().to(logits.device), ignore_index=-100, reduction="none")
+    nll = F.cross_entropy(flat, targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX, reduction="none")
     w = w.flatten().to(nll.dtype)
     loss = (nll * w).sum()
     if num_items_in_batch is None:
