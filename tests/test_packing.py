@@ -66,6 +66,12 @@ def _loss_and_grads(model, batch, *, supervised_only: bool):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+#: how far apart two float32 computations of the same loss (and of its gradients) may be when only their
+#: summation order differs
+FLOAT32_REL = 1e-6
+FLOAT32_REL_GRAD = 1e-6
+
+
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 def test_supervised_only_logits_give_the_same_loss_and_gradients(model64, features, smollm2_tokenizer, pack):
     pad = smollm2_tokenizer.pad_token_id
@@ -77,11 +83,15 @@ def test_supervised_only_logits_give_the_same_loss_and_gradients(model64, featur
     print(f"{'packed' if pack else 'padded'}: logits at {kept} of {batch['input_ids'].numel()} positions; "
           f"loss {l_ref.item():.8f} vs {l_new.item():.8f}")
     assert kept == sum(sum(x != -100 for x in f["labels"]) for f in features)
-    assert torch.allclose(l_ref, l_new, atol=1e-9, rtol=0)
+    # Equal up to float32 rounding: the two paths project different sets of rows onto the vocabulary, and a
+    # CPU's matmul kernel may block (so round) those differently (bit-equal on an AMD EPYC; the loss 1e-7 and the
+    # gradients 4e-8 relative apart on an AVX-512 Xeon). A lost or shifted token moves this mean over 101
+    # tokens by about a hundredth of a token's loss, four orders above the bound.
+    assert abs(l_ref.item() - l_new.item()) <= FLOAT32_REL * abs(l_ref.item())
     assert g_ref.keys() == g_new.keys() and len(g_ref) > 100
-    worst = max((g_ref[k] - g_new[k]).abs().max().item() for k in g_ref)
-    print(f"largest gradient difference {worst:.2e}")
-    assert worst <= 1e-9
+    worst = max(((g_ref[k] - g_new[k]).abs().max() / g_ref[k].abs().max().clamp_min(1e-30)).item() for k in g_ref)
+    print(f"largest gradient difference, relative to its tensor's largest gradient {worst:.2e}")
+    assert worst <= FLOAT32_REL_GRAD
 
 
 def test_training_with_packing_and_supervised_logits_matches_the_standard_path(tmp_path):
